@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Side-by-side speed of the image path (ViT + attentional pooler, batch 1, f32): coca-edge
+(tract) vs onnxruntime vs PyTorch, on the same weights, the same preprocessed input and the same
+thread counts, in one run. Medians of --runs timed runs after --warmup runs; each runtime runs
+alone (one after the other), never concurrently.
+
+  cargo build --release
+  models/.venv/bin/python benches/compare/compare.py [--model coca_ViT-B-32] [--threads 1,2] [--md]
+
+--md prints a Markdown table for BENCHMARKS.md (with command, date, machine).
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+
+
+def time_it(fn, runs, warmup):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="coca_ViT-B-32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bundle", default=None)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--image", default=os.path.join(common.ROOT, "tests", "fixtures", "images", "china.jpg"))
+    ap.add_argument("--md", action="store_true")
+    args = ap.parse_args()
+    bundle = args.bundle or os.path.join(common.ROOT, "build", f"{args.model}-random{args.seed}")
+    manifest = common.ensure_bundle(args.model, args.seed, bundle)
+    coca = common.coca_binary()
+    torch.set_grad_enabled(False)
+    model, name = common.torch_model(manifest)
+    model.eval()
+    pre = common.preprocess_for(model)
+    with Image.open(args.image) as im:
+        x = pre(im).unsqueeze(0)
+    xn = x.numpy()
+
+    import onnxruntime as ort
+    import open_clip
+
+    # the same weights everywhere: check before timing
+    e_torch = model.encode_image(x, normalize=True)[0].numpy()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    e_ort = ort.InferenceSession(os.path.join(bundle, "image_encoder.onnx"), so,
+                                 providers=["CPUExecutionProvider"]).run(None, {"image": xn})[0][0]
+    assert np.abs(e_torch - e_ort).max() < 1e-4, "onnxruntime and PyTorch disagree"
+
+    rows = []
+    for t in [int(v) for v in args.threads.split(",")]:
+        # PyTorch: the image tower as open_clip runs it (visual + normalize)
+        torch.set_num_threads(t)
+        ms_torch = time_it(lambda: model.encode_image(x, normalize=True), args.runs, args.warmup)
+        # onnxruntime on the exported graph
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = t
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(os.path.join(bundle, "image_encoder.onnx"), so, providers=["CPUExecutionProvider"])
+        ms_ort = time_it(lambda: sess.run(None, {"image": xn}), args.runs, args.warmup)
+        del sess
+        # coca-edge: the encoder on its own preprocessed tensor (preprocessing timed apart)
+        out = subprocess.run([coca, "--model", bundle, "--threads", str(t), "bench", args.image, "--json",
+                              "--runs", str(args.runs), "--warmup", str(args.warmup)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout)
+        rows.append({"threads": t, "onnxruntime": ms_ort, "pytorch": ms_torch, "coca": r["encoder_ms_median"],
+                     "coca_preprocess": r["preprocess_ms_median"], "coca_decode": r["decode_ms_median"],
+                     "coca_load_s": r["load_s"]})
+        print(f"threads {t}: onnxruntime {ms_ort:.1f} ms, PyTorch {ms_torch:.1f} ms, coca-edge {r['encoder_ms_median']:.1f} ms "
+              f"(x{r['encoder_ms_median'] / ms_ort:.2f} of onnxruntime); coca preprocess {r['preprocess_ms_median']:.2f} ms, "
+              f"decode {r['decode_ms_median']:.2f} ms, load {r['load_s']:.2f} s", file=sys.stderr, flush=True)
+
+    if args.md:
+        date = datetime.date.today().isoformat()
+        print(f"### {name} image encoder, batch 1, f32 ({date})\n")
+        print(f"Command: `models/.venv/bin/python benches/compare/compare.py --model {args.model} --threads {args.threads} "
+              f"--runs {args.runs} --warmup {args.warmup} --md`  ")
+        print(f"Machine: {common.machine()}. onnxruntime {ort.__version__}, torch {torch.__version__}, "
+              f"open_clip {open_clip.__version__}, tract 0.23.9. Medians of {args.runs} runs after {args.warmup} warm-up; "
+              f"same weights (random init, seed {args.seed}), same preprocessed input.\n")
+        print("| threads | onnxruntime ms | PyTorch ms | coca-edge ms | coca / onnxruntime | coca preprocess ms | coca load s |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['threads']} | {r['onnxruntime']:.1f} | {r['pytorch']:.1f} | {r['coca']:.1f} | "
+                  f"{r['coca'] / r['onnxruntime']:.2f} | {r['coca_preprocess']:.2f} | {r['coca_load_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

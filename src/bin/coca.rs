@@ -1,0 +1,405 @@
+//! `coca`: the command-line front end. It owns exit codes (0 ok, 2 error), prints errors as one
+//! line on stderr, and treats a closed stdout (broken pipe) as success.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use coca_edge::classify::{self, Templates};
+use coca_edge::model::{self, EngineOptions};
+use coca_edge::{Pipeline, PipelineOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "coca", version, about = "CoCa on robots: zero-shot labels and embeddings for images, through tract")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Model bundle folder (default: $COCA_MODEL, else the bundle shipped in models/)
+    #[arg(long, global = true, env = "COCA_MODEL", value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Threads for inference (default: all cores)
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    /// More log output (-v info, -vv debug)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors on stderr
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Zero-shot classify images against text labels
+    Classify(ClassifyArgs),
+    /// Print image embeddings (L2-normalised contrastive embeddings)
+    Embed(EmbedArgs),
+    /// Show the bundle, its graphs, precision, threads and CPU features
+    Info(InfoArgs),
+    /// Time the image path on this machine: medians after warm-up
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Image to decode, preprocess and encode
+    #[arg(value_name = "IMAGE")]
+    image: PathBuf,
+    /// Timed runs
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Untimed warm-up runs
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// JSON output
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ClassifyArgs {
+    /// Image files
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    /// Comma-separated labels, e.g. "cat,dog,traffic cone"
+    #[arg(long, value_name = "A,B,C", required_unless_present = "labels_file", conflicts_with = "labels_file")]
+    labels: Option<String>,
+    /// UTF-8 file with one label per line
+    #[arg(long, value_name = "FILE")]
+    labels_file: Option<PathBuf>,
+    /// Prompt templates, one per line with a {} placeholder (default: open_clip's 80 ImageNet templates)
+    #[arg(long, value_name = "FILE")]
+    templates: Option<PathBuf>,
+    /// How many labels to show per image
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    top_k: usize,
+    /// JSON lines output, one object per image
+    #[arg(long)]
+    json: bool,
+    /// Do not read or write the label-embedding cache
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Args, Debug)]
+struct EmbedArgs {
+    /// Image files
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    /// JSON lines output: {"image": ..., "embedding": [...]}
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct InfoArgs {
+    /// JSON output
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging(&cli.global);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("coca: {}", one_line(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    let s = format!("{e:#}");
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().map(|io| io.kind() == std::io::ErrorKind::BrokenPipe).unwrap_or(false))
+}
+
+fn init_logging(g: &Global) {
+    let level = if g.quiet {
+        log::LevelFilter::Error
+    } else {
+        match g.verbose {
+            0 => log::LevelFilter::Warn,
+            1 => log::LevelFilter::Info,
+            _ => log::LevelFilter::Debug,
+        }
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .filter_module("tract_core", log::LevelFilter::Warn.min(level))
+        .filter_module("tract_onnx", log::LevelFilter::Warn.min(level))
+        .filter_module("tract_hir", log::LevelFilter::Warn.min(level))
+        .format_timestamp(None)
+        .parse_env("COCA_LOG")
+        .init();
+}
+
+/// The bundle to use: --model / $COCA_MODEL, else the shipped one, looked up from the current
+/// folder, then from the executable's repository (target/*/coca), then the source tree.
+fn model_dir(g: &Global) -> PathBuf {
+    if let Some(m) = &g.model {
+        return m.clone();
+    }
+    let rel = Path::new(coca_edge::DEFAULT_BUNDLE);
+    let mut candidates = vec![rel.to_path_buf()];
+    if let Ok(exe) = std::env::current_exe() {
+        for anc in exe.ancestors().skip(1).take(4) {
+            candidates.push(anc.join(rel));
+        }
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel));
+    candidates.iter().find(|c| c.join(coca_edge::bundle::MANIFEST).is_file()).cloned().unwrap_or_else(|| rel.to_path_buf())
+}
+
+fn engine_options(g: &Global) -> Result<EngineOptions> {
+    if g.threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    Ok(EngineOptions { threads: g.threads.unwrap_or(0), ..Default::default() })
+}
+
+fn open_pipeline(g: &Global, cache: bool) -> Result<Pipeline> {
+    let dir = model_dir(g);
+    let mut opts = if cache { PipelineOptions::with_default_cache() } else { PipelineOptions::default() };
+    opts.engine = engine_options(g)?;
+    let t0 = std::time::Instant::now();
+    let p = Pipeline::open(&dir, opts)?;
+    log::info!("loaded {} in {:.2?}", dir.display(), t0.elapsed());
+    Ok(p)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Classify(a) => classify_cmd(&cli.global, a),
+        Cmd::Embed(a) => embed_cmd(&cli.global, a),
+        Cmd::Info(a) => info_cmd(&cli.global, a),
+        Cmd::Bench(a) => bench_cmd(&cli.global, a),
+    }
+}
+
+/// Report a per-image error on stderr and remember that the run failed; the other images still
+/// get their results (no lost work).
+fn image_error(failed: &mut bool, e: coca_edge::Error) {
+    eprintln!("coca: {}", e.to_string().split_whitespace().collect::<Vec<_>>().join(" "));
+    *failed = true;
+}
+
+fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
+    // check the cheap inputs before loading anything
+    let labels = match (&a.labels, &a.labels_file) {
+        (Some(list), _) => classify::parse_label_list(list)?,
+        (None, Some(f)) => classify::read_label_file(f)?,
+        (None, None) => anyhow::bail!("give --labels or --labels-file"),
+    };
+    let templates = match &a.templates {
+        Some(f) => Templates::from_file(f)?,
+        None => Templates::openai_imagenet(),
+    };
+    if a.top_k == 0 {
+        anyhow::bail!("--top-k must be at least 1");
+    }
+    let p = open_pipeline(g, !a.no_cache)?;
+    let show_progress = std::io::stderr().is_terminal() && !g.quiet;
+    let set = p.label_set(&labels, &templates, |done, total| {
+        if show_progress {
+            eprint!("\rencoding label prompts {done}/{total}");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut failed = false;
+    for path in &a.images {
+        let feats = match p.embed_path(path) {
+            Ok(f) => f,
+            Err(e) => {
+                image_error(&mut failed, e);
+                continue;
+            }
+        };
+        let scores = p.classify(&feats, &set, a.top_k)?;
+        if a.json {
+            let obj = serde_json::json!({"image": path.display().to_string(), "top": scores});
+            writeln!(out, "{obj}")?;
+        } else {
+            writeln!(out, "{}", path.display())?;
+            for s in &scores {
+                writeln!(out, "  {:.4}  {}", s.probability, s.label)?;
+            }
+        }
+        out.flush()?;
+    }
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn embed_cmd(g: &Global, a: EmbedArgs) -> Result<ExitCode> {
+    let p = open_pipeline(g, false)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut failed = false;
+    for path in &a.images {
+        match p.embed_path(path) {
+            Ok(f) => {
+                if a.json {
+                    let obj = serde_json::json!({"image": path.display().to_string(), "embedding": f.embedding});
+                    writeln!(out, "{obj}")?;
+                } else {
+                    let vals: Vec<String> = f.embedding.iter().map(|v| format!("{v:e}")).collect();
+                    writeln!(out, "{}\t{}", path.display(), vals.join(" "))?;
+                }
+                out.flush()?;
+            }
+            Err(e) => image_error(&mut failed, e),
+        }
+    }
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
+    let opts = engine_options(g)?;
+    let p = open_pipeline(g, false)?;
+    let b = p.bundle();
+    let m = b.manifest();
+    let graphs: Vec<serde_json::Value> = m
+        .graphs
+        .iter()
+        .map(|(name, gs)| {
+            let files: serde_json::Map<String, serde_json::Value> = gs
+                .precisions
+                .iter()
+                .map(|(prec, f)| (prec.clone(), serde_json::json!({"file": f, "bytes": m.files.get(f).map(|s| s.size)})))
+                .collect();
+            serde_json::json!({
+                "name": name,
+                "precisions": files,
+                "inputs": gs.inputs.iter().map(|t| format!("{} {} [{}]", t.name, t.dtype, t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>(),
+                "outputs": gs.outputs.iter().map(|t| format!("{} {} [{}]", t.name, t.dtype, t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let info = serde_json::json!({
+        "bundle": b.dir().display().to_string(),
+        "name": m.name,
+        "id": b.id(),
+        "source": m.source.get("weights").cloned().unwrap_or_default(),
+        "image_size": m.image.size,
+        "embed_dim": m.dims.embed_dim,
+        "caption_tokens": m.dims.caption_tokens,
+        "context_length": m.text.context_length,
+        "logit_scale": m.logit_scale,
+        "precision": opts.precision,
+        "threads": opts.effective_threads(),
+        "image_encoder_load_s": p.image_encoder().graph().load_time().as_secs_f64(),
+        "cpu": std::env::consts::ARCH,
+        "cpu_features": model::cpu_features(),
+        "coca_edge_version": env!("CARGO_PKG_VERSION"),
+        "graphs": graphs,
+    });
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{info}")?;
+    } else {
+        writeln!(out, "bundle        {} ({}, id {})", b.dir().display(), m.name, b.id())?;
+        writeln!(out, "weights       {}", info["source"].as_str().unwrap_or("?"))?;
+        writeln!(out, "image         {0}x{0}, embed_dim {1}, {2} captioning tokens", m.image.size, m.dims.embed_dim, m.dims.caption_tokens)?;
+        writeln!(out, "text          context {}, logit_scale {:.4}", m.text.context_length, m.logit_scale)?;
+        writeln!(out, "precision     {}", opts.precision)?;
+        writeln!(out, "threads       {}", opts.effective_threads())?;
+        writeln!(out, "cpu           {} [{}]", std::env::consts::ARCH, model::cpu_features().join(" "))?;
+        writeln!(out, "load          image_encoder {:.2?}", p.image_encoder().graph().load_time())?;
+        for (name, gs) in &m.graphs {
+            let precs: Vec<String> = gs
+                .precisions
+                .iter()
+                .map(|(prec, f)| format!("{prec}: {f} ({:.1} MB)", m.files.get(f).map(|s| s.size).unwrap_or(0) as f64 / 1e6))
+                .collect();
+            writeln!(out, "graph         {name}: {}", precs.join(", "))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn median_ms(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
+    if a.runs == 0 {
+        anyhow::bail!("--runs must be at least 1");
+    }
+    let opts = engine_options(g)?;
+    let t0 = std::time::Instant::now();
+    let p = open_pipeline(g, false)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let bytes = std::fs::read(&a.image).map_err(|e| anyhow::anyhow!("{}: {e}", a.image.display()))?;
+    let name = a.image.display().to_string();
+    let limits = p.options().limits.clone();
+    let (mut dec, mut pre, mut enc) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..a.warmup + a.runs {
+        let t = std::time::Instant::now();
+        let img = coca_edge::vision::decode_image(&bytes, &name, &limits)?;
+        let t1 = std::time::Instant::now();
+        let chw = p.preprocess(&img);
+        let t2 = std::time::Instant::now();
+        p.embed_preprocessed(&chw)?;
+        let t3 = std::time::Instant::now();
+        if i >= a.warmup {
+            dec.push((t1 - t).as_secs_f64() * 1e3);
+            pre.push((t2 - t1).as_secs_f64() * 1e3);
+            enc.push((t3 - t2).as_secs_f64() * 1e3);
+        }
+    }
+    let all = enc.clone();
+    let r = serde_json::json!({
+        "model": p.bundle().manifest().name,
+        "threads": opts.effective_threads(),
+        "runs": a.runs,
+        "warmup": a.warmup,
+        "load_s": load_s,
+        "decode_ms_median": median_ms(&mut dec),
+        "preprocess_ms_median": median_ms(&mut pre),
+        "encoder_ms_median": median_ms(&mut enc),
+        "encoder_ms": all,
+    });
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{r}")?;
+    } else {
+        writeln!(out, "model {} | threads {} | load {:.2} s", r["model"].as_str().unwrap_or("?"), r["threads"], load_s)?;
+        writeln!(out, "median of {} runs: decode {:.2} ms, preprocess {:.2} ms, encoder {:.2} ms", a.runs,
+            r["decode_ms_median"].as_f64().unwrap_or(0.0), r["preprocess_ms_median"].as_f64().unwrap_or(0.0), r["encoder_ms_median"].as_f64().unwrap_or(0.0))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

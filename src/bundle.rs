@@ -1,0 +1,332 @@
+//! Model bundles: a folder with `coca.json` (the manifest), ONNX graphs per precision and the
+//! BPE vocab, as written by `models/export/export.py`.
+//!
+//! Nothing in a bundle is trusted before it is checked: the manifest's format and version, and
+//! for every file the runtime opens, its size and sha256 against the manifest. A missing,
+//! corrupt or mismatched file is an [`Error`] naming that file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The `format` string every manifest carries.
+pub const FORMAT: &str = "coca-edge-bundle";
+/// The manifest version this build reads.
+pub const FORMAT_VERSION: u64 = 1;
+/// Name of the manifest file inside a bundle folder.
+pub const MANIFEST: &str = "coca.json";
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u64,
+    pub name: String,
+    #[serde(default)]
+    pub source: serde_json::Value,
+    pub image: ImageSpec,
+    pub text: TextSpec,
+    pub dims: Dims,
+    pub logit_scale: f32,
+    pub graphs: BTreeMap<String, GraphSpec>,
+    pub files: BTreeMap<String, FileSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageSpec {
+    pub size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    #[serde(default = "default_interpolation")]
+    pub interpolation: String,
+    #[serde(default = "default_resize_mode")]
+    pub resize_mode: String,
+}
+
+fn default_interpolation() -> String {
+    "bicubic".into()
+}
+fn default_resize_mode() -> String {
+    "shortest".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextSpec {
+    pub vocab: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub sot: u32,
+    pub eot: u32,
+    pub pad: u32,
+    #[serde(default = "default_clean")]
+    pub clean: String,
+}
+
+fn default_clean() -> String {
+    "lower".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Dims {
+    pub embed_dim: usize,
+    pub caption_tokens: usize,
+    pub token_dim: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GraphSpec {
+    /// precision name ("f32", "f16", "int8") -> file name in the bundle
+    pub precisions: BTreeMap<String, String>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+    /// concrete sizes as numbers, symbolic ones (e.g. "batch") as strings
+    pub shape: Vec<Dim>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(usize),
+    Symbol(String),
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbol(s) => f.write_str(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileSpec {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// An opened bundle: its folder and its parsed, format-checked manifest. Files are checked
+/// against the manifest when they are opened ([`Bundle::verified_path`]).
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+    id: String,
+}
+
+impl Bundle {
+    /// Open the bundle folder `dir` and parse its manifest.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Bundle> {
+        let dir = dir.as_ref().to_path_buf();
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::Manifest {
+                    path: dir,
+                    message: "not a model bundle folder (it is a file)".into(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::io(
+                    dir,
+                    std::io::Error::new(e.kind(), "model bundle folder not found"),
+                ))
+            }
+            Err(e) => return Err(Error::io(dir, e)),
+        }
+        let mpath = dir.join(MANIFEST);
+        let text = std::fs::read(&mpath).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::io(&mpath, std::io::Error::new(e.kind(), "manifest not found: not a model bundle"))
+            } else {
+                Error::io(&mpath, e)
+            }
+        })?;
+        let manifest = parse_manifest(&text, &mpath)?;
+        let id = bundle_id(&manifest);
+        Ok(Bundle { dir, manifest, id })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// A stable identity of the bundle's content (hash over every file's sha256), used to key
+    /// caches and to refuse files (label caches, heads) made for another bundle.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The graph spec named `graph`, or an error naming the manifest.
+    pub fn graph(&self, graph: &str) -> Result<&GraphSpec> {
+        self.manifest.graphs.get(graph).ok_or_else(|| Error::Manifest {
+            path: self.dir.join(MANIFEST),
+            message: format!("no graph named '{graph}'"),
+        })
+    }
+
+    /// Path of the file for `graph` at `precision`, after checking it against the manifest.
+    pub fn graph_file(&self, graph: &str, precision: &str) -> Result<PathBuf> {
+        let spec = self.graph(graph)?;
+        let file = spec.precisions.get(precision).ok_or_else(|| Error::Manifest {
+            path: self.dir.join(MANIFEST),
+            message: format!(
+                "graph '{graph}' has no '{precision}' precision (available: {})",
+                spec.precisions.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        self.verified_path(file)
+    }
+
+    /// Check `name`'s size and sha256 against the manifest and return its path.
+    pub fn verified_path(&self, name: &str) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        let spec = self.manifest.files.get(name).ok_or_else(|| Error::Manifest {
+            path: self.dir.join(MANIFEST),
+            message: format!("file '{name}' is used but not listed in 'files'"),
+        })?;
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::io(&path, std::io::Error::new(e.kind(), "bundle file missing"))
+            } else {
+                Error::io(&path, e)
+            }
+        })?;
+        if meta.len() != spec.size {
+            return Err(Error::Integrity {
+                path,
+                message: format!(
+                    "size {} does not match the manifest's {} (truncated or replaced file)",
+                    meta.len(),
+                    spec.size
+                ),
+            });
+        }
+        let digest = sha256_file(&path)?;
+        if !digest.eq_ignore_ascii_case(&spec.sha256) {
+            return Err(Error::Integrity {
+                path,
+                message: format!("sha256 {digest} does not match the manifest's {} (corrupt file)", spec.sha256),
+            });
+        }
+        Ok(path)
+    }
+}
+
+fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest> {
+    let bad = |message: String| Error::Manifest { path: path.to_path_buf(), message };
+    // Read format and version first, so a newer manifest gets a version error, not a field error.
+    let value: serde_json::Value =
+        serde_json::from_slice(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
+    if format != FORMAT {
+        return Err(bad(format!("'format' is '{format}', expected '{FORMAT}'")));
+    }
+    let version = value
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad("'format_version' missing or not a number".into()))?;
+    if version != FORMAT_VERSION {
+        return Err(Error::FormatVersion { path: path.to_path_buf(), found: version, supported: FORMAT_VERSION });
+    }
+    let m: Manifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    // internal consistency: every graph file is listed, sizes are sane
+    for (gname, g) in &m.graphs {
+        if g.precisions.is_empty() {
+            return Err(bad(format!("graph '{gname}' lists no precision")));
+        }
+        for file in g.precisions.values() {
+            if !m.files.contains_key(file) {
+                return Err(bad(format!("graph '{gname}' file '{file}' not listed in 'files'")));
+            }
+            if file.contains("..") || Path::new(file).is_absolute() {
+                return Err(bad(format!("graph '{gname}' file '{file}' is outside the bundle")));
+            }
+        }
+    }
+    if !m.files.contains_key(&m.text.vocab) {
+        return Err(bad(format!("vocab '{}' not listed in 'files'", m.text.vocab)));
+    }
+    if m.image.size == 0 || m.image.size > 4096 {
+        return Err(bad(format!("image size {} out of range", m.image.size)));
+    }
+    if m.image.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || m.image.mean.iter().any(|v| !v.is_finite()) {
+        return Err(bad("image mean/std must be finite and std > 0".into()));
+    }
+    if m.text.context_length < 2 || m.text.context_length > 4096 {
+        return Err(bad(format!("text context_length {} out of range", m.text.context_length)));
+    }
+    if !m.logit_scale.is_finite() || m.logit_scale <= 0.0 {
+        return Err(bad(format!("logit_scale {} must be finite and > 0", m.logit_scale)));
+    }
+    if m.dims.embed_dim == 0 {
+        return Err(bad("dims.embed_dim is 0".into()));
+    }
+    Ok(m)
+}
+
+fn bundle_id(m: &Manifest) -> String {
+    let mut h = Sha256::new();
+    for (name, f) in &m.files {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(f.sha256.to_ascii_lowercase().as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_version_is_a_version_error() {
+        let t = br#"{"format":"coca-edge-bundle","format_version":99}"#;
+        let e = parse_manifest(t, Path::new("coca.json")).unwrap_err();
+        assert!(matches!(e, Error::FormatVersion { found: 99, .. }), "{e}");
+    }
+
+    #[test]
+    fn invalid_json_names_the_file() {
+        let e = parse_manifest(b"{not json", Path::new("x/coca.json")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("x/coca.json: invalid manifest: not valid JSON"), "{s}");
+    }
+
+    #[test]
+    fn dims_parse_numbers_and_symbols() {
+        let d: Vec<Dim> = serde_json::from_str(r#"["batch", 3, 224]"#).unwrap();
+        assert_eq!(d, vec![Dim::Symbol("batch".into()), Dim::Fixed(3), Dim::Fixed(224)]);
+    }
+}

@@ -1,0 +1,42 @@
+//! # coca-edge
+//!
+//! CoCa (Contrastive Captioners, Yu et al. 2022) on robots: open_clip's CoCa exported to a model
+//! bundle (`models/export/export.py`) and run through [tract](https://github.com/sonos/tract),
+//! with the same numbers as PyTorch.
+//!
+//! ```no_run
+//! use coca_edge::{Pipeline, PipelineOptions, classify::Templates};
+//! let p = Pipeline::open("models/coca-tiny-random", PipelineOptions::with_default_cache())?;
+//! let labels = vec!["a cat".to_string(), "a dog".to_string()];
+//! let set = p.label_set(&labels, &Templates::openai_imagenet(), |_, _| {})?;
+//! let features = p.embed_path("photo.jpg".as_ref())?;
+//! for s in p.classify(&features, &set, 5)? {
+//!     println!("{:.3} {}", s.probability, s.label);
+//! }
+//! # Ok::<(), coca_edge::Error>(())
+//! ```
+//!
+//! # Layout
+//! Imports point one way, down this list; nothing imports what is above it.
+//! - [`pipeline`]: `Pipeline`, what the CLI, the Rust API and the C ABI share: bundle ->
+//!   preprocess -> image encoder -> labels.
+//! - [`classify`]: zero-shot label embeddings (prompt templates, averaging, on-disk cache), scores.
+//! - [`model`]: the only module that names tract types: loads, checks, optimises and runs graphs.
+//! - [`bundle`]: the model bundle: versioned manifest, file sizes and hashes, validation.
+//! - [`vision`]: image decoding with limits, preprocessing identical to open_clip's (PIL) transform.
+//! - [`text`]: the CLIP BPE tokenizer and detokenizer, identical to open_clip's SimpleTokenizer.
+//! - [`error`]: the library's one error type; every variant names the thing that was wrong.
+
+pub mod bundle;
+pub mod classify;
+pub mod error;
+pub mod model;
+pub mod pipeline;
+pub mod text;
+pub mod vision;
+
+pub use error::{Error, Result};
+pub use pipeline::{Pipeline, PipelineOptions};
+
+/// Where the bundle shipped with the repository lives, relative to the repository root.
+pub const DEFAULT_BUNDLE: &str = "models/coca-tiny-random";

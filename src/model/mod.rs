@@ -1,0 +1,361 @@
+//! The inference engine: the only module that names tract types.
+//!
+//! Graphs come from a [`Bundle`], are checked against its manifest (input/output names, dtypes,
+//! ranks, fixed sizes), fixed to a concrete batch, optimised once, and run with a per-graph
+//! executor so `--threads` drives tract's multithreaded matmuls.
+//!
+//! Mirrors the graphs written by `models/export/export.py` (open_clip 3.3.0 CoCa):
+//! `image_encoder` = `CoCa.encode_image` + the pooler's captioning tokens, `text_encoder` =
+//! `CoCa.encode_text`, both L2-normalised.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use crate::bundle::{Bundle, Dim, GraphSpec, TensorSpec};
+use crate::error::{Error, Result};
+
+/// How graphs are loaded and run.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Threads for tract's matmul executor; 0 = all available cores.
+    pub threads: usize,
+    /// Precision to load ("f32" for now; the bundle lists what it has).
+    pub precision: String,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { threads: 0, precision: "f32".into() }
+    }
+}
+
+impl EngineOptions {
+    /// The thread count actually used (resolves 0 to the number of available cores).
+    pub fn effective_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    fn run_options(&self) -> RunOptions {
+        let n = self.effective_threads();
+        let executor = if n > 1 {
+            Some(tract_linalg::multithread::Executor::multithread_with_name(n, "coca-mm"))
+        } else {
+            Some(tract_linalg::multithread::Executor::SingleThread)
+        };
+        RunOptions { executor, ..Default::default() }
+    }
+}
+
+/// One loaded, optimised graph with a fixed batch.
+pub struct Graph {
+    name: String,
+    path: PathBuf,
+    plan: Arc<TypedRunnableModel>,
+    batch: usize,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    load_time: std::time::Duration,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Graph").field("name", &self.name).field("path", &self.path).field("batch", &self.batch).finish()
+    }
+}
+
+fn datum_type(dtype: &str, path: &Path) -> Result<DatumType> {
+    Ok(match dtype {
+        "f32" => f32::datum_type(),
+        "f16" => f16::datum_type(),
+        "i64" => i64::datum_type(),
+        "i32" => i32::datum_type(),
+        "u8" => u8::datum_type(),
+        "i8" => i8::datum_type(),
+        other => {
+            return Err(Error::GraphMismatch { path: path.to_path_buf(), message: format!("unknown dtype '{other}' in manifest") })
+        }
+    })
+}
+
+/// Concrete shape of a manifest tensor with every symbolic dim set to `batch`.
+fn concrete_shape(spec: &TensorSpec, batch: usize) -> Vec<usize> {
+    spec.shape.iter().map(|d| match d { Dim::Fixed(n) => *n, Dim::Symbol(_) => batch }).collect()
+}
+
+impl Graph {
+    /// Load graph `name` of `bundle` at `opts.precision`, fixed to `batch`.
+    pub fn load(bundle: &Bundle, name: &str, batch: usize, opts: &EngineOptions) -> Result<Graph> {
+        let t0 = Instant::now();
+        let spec: &GraphSpec = bundle.graph(name)?;
+        let path = bundle.graph_file(name, &opts.precision)?;
+        let mismatch = |message: String| Error::GraphMismatch { path: path.clone(), message };
+        let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
+
+        let mut model = tract_onnx::onnx().model_for_path(&path).map_err(|e| {
+            Error::Engine { what: path.display().to_string(), message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))) }
+        })?;
+
+        // names and counts of inputs and outputs
+        let in_names: Vec<String> = model
+            .input_outlets()
+            .map_err(engine)?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
+        let want_in: Vec<String> = spec.inputs.iter().map(|t| t.name.clone()).collect();
+        if in_names != want_in {
+            return Err(mismatch(format!("inputs are {in_names:?}, manifest says {want_in:?}")));
+        }
+        let out_names: Vec<String> = model
+            .output_outlets()
+            .map_err(engine)?
+            .iter()
+            .map(|o| model.outlet_label(*o).map(|s| s.to_string()).unwrap_or_else(|| model.node(o.node).name.clone()))
+            .collect();
+        let want_out: Vec<String> = spec.outputs.iter().map(|t| t.name.clone()).collect();
+        if out_names != want_out {
+            return Err(mismatch(format!("outputs are {out_names:?}, manifest says {want_out:?}")));
+        }
+
+        // input facts: the declared dtype and rank must agree with the graph's own declaration
+        for (ix, t) in spec.inputs.iter().enumerate() {
+            let dt = datum_type(&t.dtype, &path)?;
+            let declared = model.input_fact(ix).map_err(engine)?.clone();
+            if let Some(gdt) = declared.datum_type.concretize() {
+                if gdt != dt {
+                    return Err(mismatch(format!("input '{}' is {gdt:?} in the graph, manifest says {}", t.name, t.dtype)));
+                }
+            }
+            if let Some(rank) = declared.shape.rank().concretize() {
+                if rank as usize != t.shape.len() {
+                    return Err(mismatch(format!(
+                        "input '{}' has rank {rank} in the graph, manifest says {} ({})",
+                        t.name,
+                        t.shape.len(),
+                        t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+                    )));
+                }
+            }
+            for (axis, d) in t.shape.iter().enumerate() {
+                if let (Dim::Fixed(n), Some(g)) = (d, declared.shape.dim(axis).and_then(|f| f.concretize())) {
+                    if let Ok(g) = g.to_i64() {
+                        if g as usize != *n {
+                            return Err(mismatch(format!("input '{}' axis {axis} is {g} in the graph, manifest says {n}", t.name)));
+                        }
+                    }
+                }
+            }
+            let shape = concrete_shape(t, batch);
+            model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape)).map_err(engine)?;
+        }
+
+        let typed = model.into_typed().map_err(|e| mismatch(format!("cannot analyse: {}", crate::error::one_line(&format!("{e:#}")))))?;
+        // outputs: ranks and fixed sizes must agree with the manifest
+        for (ix, t) in spec.outputs.iter().enumerate() {
+            let fact = typed.output_fact(ix).map_err(engine)?;
+            let want = concrete_shape(t, batch);
+            let got: Vec<Option<usize>> = fact.shape.iter().map(|d| d.to_i64().ok().map(|v| v as usize)).collect();
+            let ok = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.map(|g| g == *w).unwrap_or(true));
+            if !ok {
+                return Err(mismatch(format!("output '{}' has shape {:?}, manifest says {:?}", t.name, fact.shape, want)));
+            }
+            let dt = datum_type(&t.dtype, &path)?;
+            if fact.datum_type != dt {
+                return Err(mismatch(format!("output '{}' is {:?}, manifest says {}", t.name, fact.datum_type, t.dtype)));
+            }
+        }
+        let optimized = typed.into_optimized().map_err(engine)?;
+        let plan = optimized.into_runnable_with_options(&opts.run_options()).map_err(engine)?;
+        let load_time = t0.elapsed();
+        log::debug!("{name}: loaded {} (batch {batch}) in {:.2?}", path.display(), load_time);
+        Ok(Graph { name: name.to_string(), path, plan, batch, inputs: spec.inputs.clone(), outputs: spec.outputs.clone(), load_time })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn load_time(&self) -> std::time::Duration {
+        self.load_time
+    }
+
+    fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
+        self.plan.run(inputs).map_err(|e| Error::engine(format!("running {}", self.name), e))
+    }
+}
+
+fn f32_output<'a>(v: &'a TValue, what: &str) -> Result<&'a [f32]> {
+    v.try_as_plain_ram().and_then(|p| p.as_slice::<f32>()).map_err(|e| Error::engine(what, e))
+}
+
+/// Output of the image encoder for one image.
+#[derive(Debug, Clone)]
+pub struct ImageFeatures {
+    /// L2-normalised contrastive embedding, `embed_dim` values.
+    pub embedding: Vec<f32>,
+    /// Captioning tokens, `caption_tokens x token_dim` values, row-major.
+    pub tokens: Vec<f32>,
+}
+
+/// `image_encoder`: preprocessed image -> embedding + captioning tokens (batch 1).
+#[derive(Debug)]
+pub struct ImageEncoder {
+    graph: Graph,
+    size: usize,
+    embed_dim: usize,
+    n_tokens: usize,
+    token_dim: usize,
+}
+
+impl ImageEncoder {
+    pub fn load(bundle: &Bundle, opts: &EngineOptions) -> Result<ImageEncoder> {
+        let m = bundle.manifest();
+        let graph = Graph::load(bundle, "image_encoder", 1, opts)?;
+        let expect = |ix: usize, want: Vec<usize>| -> Result<()> {
+            let got = concrete_shape(&graph.outputs[ix], 1);
+            if got != want {
+                return Err(Error::GraphMismatch {
+                    path: graph.path.clone(),
+                    message: format!("output '{}' is {:?}, dims in the manifest say {:?}", graph.outputs[ix].name, got, want),
+                });
+            }
+            Ok(())
+        };
+        if graph.inputs.len() != 1 || graph.outputs.len() != 2 {
+            return Err(Error::GraphMismatch { path: graph.path.clone(), message: "image_encoder needs 1 input and 2 outputs".into() });
+        }
+        let size = m.image.size as usize;
+        if concrete_shape(&graph.inputs[0], 1) != vec![1, 3, size, size] {
+            return Err(Error::GraphMismatch { path: graph.path.clone(), message: format!("input is not [batch,3,{size},{size}]") });
+        }
+        expect(0, vec![1, m.dims.embed_dim])?;
+        expect(1, vec![1, m.dims.caption_tokens, m.dims.token_dim])?;
+        Ok(ImageEncoder { graph, size, embed_dim: m.dims.embed_dim, n_tokens: m.dims.caption_tokens, token_dim: m.dims.token_dim })
+    }
+
+    /// Run on one preprocessed image, CHW f32 of `3 x size x size`.
+    pub fn run(&self, chw: &[f32]) -> Result<ImageFeatures> {
+        let s = self.size;
+        if chw.len() != 3 * s * s {
+            return Err(Error::InvalidArgument(format!("image tensor has {} values, expected 3x{s}x{s}", chw.len())));
+        }
+        let input = Tensor::from_shape(&[1, 3, s, s], chw).map_err(|e| Error::engine("image tensor", e))?;
+        let out = self.graph.run(tvec!(input.into_tvalue()))?;
+        let embedding = f32_output(&out[0], "image_encoder output")?.to_vec();
+        let tokens = f32_output(&out[1], "image_encoder output")?.to_vec();
+        debug_assert_eq!(embedding.len(), self.embed_dim);
+        debug_assert_eq!(tokens.len(), self.n_tokens * self.token_dim);
+        Ok(ImageFeatures { embedding, tokens })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+}
+
+/// `text_encoder`: token ids `[n, context]` -> L2-normalised embeddings `[n, embed_dim]`.
+/// Runs in chunks of a fixed batch; the last chunk is padded with empty texts.
+#[derive(Debug)]
+pub struct TextEncoder {
+    graph: Graph,
+    context: usize,
+    embed_dim: usize,
+}
+
+/// Batch the text encoder is fixed to: label sets are encoded in chunks of this size.
+pub const TEXT_BATCH: usize = 8;
+
+impl TextEncoder {
+    pub fn load(bundle: &Bundle, opts: &EngineOptions) -> Result<TextEncoder> {
+        let m = bundle.manifest();
+        let graph = Graph::load(bundle, "text_encoder", TEXT_BATCH, opts)?;
+        if graph.inputs.len() != 1 || graph.outputs.len() != 1 {
+            return Err(Error::GraphMismatch { path: graph.path.clone(), message: "text_encoder needs 1 input and 1 output".into() });
+        }
+        let ctx = m.text.context_length;
+        if concrete_shape(&graph.inputs[0], 1) != vec![1, ctx] {
+            return Err(Error::GraphMismatch { path: graph.path.clone(), message: format!("input is not [batch,{ctx}] (text.context_length)") });
+        }
+        if concrete_shape(&graph.outputs[0], 1) != vec![1, m.dims.embed_dim] {
+            return Err(Error::GraphMismatch { path: graph.path.clone(), message: format!("output is not [batch,{}]", m.dims.embed_dim) });
+        }
+        Ok(TextEncoder { graph, context: ctx, embed_dim: m.dims.embed_dim })
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context
+    }
+
+    /// Encode `ids.len() / context` texts; returns `n * embed_dim` values.
+    pub fn run(&self, ids: &[i64], mut progress: impl FnMut(usize, usize)) -> Result<Vec<f32>> {
+        let ctx = self.context;
+        if ids.len() % ctx != 0 {
+            return Err(Error::InvalidArgument(format!("{} token ids is not a multiple of the context length {ctx}", ids.len())));
+        }
+        let n = ids.len() / ctx;
+        let b = self.graph.batch;
+        let mut out = Vec::with_capacity(n * self.embed_dim);
+        let mut chunk = vec![0i64; b * ctx];
+        for start in (0..n).step_by(b) {
+            let m = (n - start).min(b);
+            chunk.iter_mut().for_each(|v| *v = 0);
+            chunk[..m * ctx].copy_from_slice(&ids[start * ctx..(start + m) * ctx]);
+            let t = Tensor::from_shape(&[b, ctx], &chunk).map_err(|e| Error::engine("text tensor", e))?;
+            let res = self.graph.run(tvec!(t.into_tvalue()))?;
+            let e = f32_output(&res[0], "text_encoder output")?;
+            out.extend_from_slice(&e[..m * self.embed_dim]);
+            progress(start + m, n);
+        }
+        Ok(out)
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+}
+
+/// CPU features tract's kernels can use, for `coca info`.
+pub fn cpu_features() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            v.push("avx2");
+        }
+        if std::is_x86_feature_detected!("fma") {
+            v.push("fma");
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            v.push("avx512f");
+        }
+        if std::is_x86_feature_detected!("f16c") {
+            v.push("f16c");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push("neon");
+        }
+        if std::arch::is_aarch64_feature_detected!("fp16") {
+            v.push("fp16");
+        }
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            v.push("dotprod");
+        }
+        if std::arch::is_aarch64_feature_detected!("sve") {
+            v.push("sve");
+        }
+    }
+    v
+}

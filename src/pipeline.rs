@@ -1,0 +1,163 @@
+//! `Pipeline`: one bundle, loaded once; frame -> preprocess -> image encoder -> labels.
+//! The CLI, the Rust API and (later) the C ABI all go through it.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::bundle::Bundle;
+use crate::classify::{LabelCache, LabelSet, Score, Templates};
+use crate::error::{Error, Result};
+use crate::model::{EngineOptions, ImageEncoder, ImageFeatures, TextEncoder};
+use crate::text::{Clean, Tokenizer};
+use crate::vision::{self, DecodeLimits, DecodedImage};
+
+/// Everything that decides how a pipeline loads and runs.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineOptions {
+    pub engine: EngineOptions,
+    pub limits: DecodeLimits,
+    /// Where label embeddings are cached; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl PipelineOptions {
+    /// Defaults with the user's cache folder.
+    pub fn with_default_cache() -> Self {
+        PipelineOptions { cache_dir: LabelCache::default_dir(), ..Default::default() }
+    }
+}
+
+pub struct Pipeline {
+    bundle: Bundle,
+    opts: PipelineOptions,
+    image: ImageEncoder,
+    /// loaded on first use: a robot with cached labels never pays for it
+    text: OnceLock<TextEncoder>,
+    tokenizer: Tokenizer,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("bundle", &self.bundle.dir()).finish()
+    }
+}
+
+impl Pipeline {
+    /// Open and check the bundle at `dir`, load its tokenizer and image encoder.
+    pub fn open(dir: impl AsRef<Path>, opts: PipelineOptions) -> Result<Pipeline> {
+        let bundle = Bundle::open(dir)?;
+        let m = bundle.manifest();
+        let vocab = bundle.verified_path(&m.text.vocab)?;
+        let clean: Clean = m.text.clean.parse().map_err(|e: Error| Error::Manifest {
+            path: bundle.dir().join(crate::bundle::MANIFEST),
+            message: format!("text.clean: {e}"),
+        })?;
+        let tokenizer = Tokenizer::from_gz_file(&vocab)?.with_clean(clean);
+        if tokenizer.vocab_size() != m.text.vocab_size || tokenizer.sot() != m.text.sot || tokenizer.eot() != m.text.eot {
+            return Err(Error::Vocab {
+                what: vocab.display().to_string(),
+                message: format!(
+                    "vocab has {} tokens (sot {}, eot {}), manifest says {} (sot {}, eot {})",
+                    tokenizer.vocab_size(),
+                    tokenizer.sot(),
+                    tokenizer.eot(),
+                    m.text.vocab_size,
+                    m.text.sot,
+                    m.text.eot
+                ),
+            });
+        }
+        if m.image.interpolation != "bicubic" || m.image.resize_mode != "shortest" {
+            return Err(Error::Manifest {
+                path: bundle.dir().join(crate::bundle::MANIFEST),
+                message: format!(
+                    "preprocessing '{}' / '{}' is not supported (bicubic / shortest is)",
+                    m.image.interpolation, m.image.resize_mode
+                ),
+            });
+        }
+        let image = ImageEncoder::load(&bundle, &opts.engine)?;
+        Ok(Pipeline { bundle, opts, image, text: OnceLock::new(), tokenizer })
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+    pub fn options(&self) -> &PipelineOptions {
+        &self.opts
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    pub fn image_encoder(&self) -> &ImageEncoder {
+        &self.image
+    }
+
+    /// The text encoder, loaded on first use.
+    pub fn text_encoder(&self) -> Result<&TextEncoder> {
+        if let Some(t) = self.text.get() {
+            return Ok(t);
+        }
+        let t = TextEncoder::load(&self.bundle, &self.opts.engine)?;
+        Ok(self.text.get_or_init(|| t))
+    }
+
+    /// Preprocess a decoded image into the encoder's CHW input.
+    pub fn preprocess(&self, img: &DecodedImage) -> Vec<f32> {
+        let p = &self.bundle.manifest().image;
+        vision::preprocess(img, p.size, p.mean, p.std)
+    }
+
+    /// Decode (with the pipeline's limits) and encode an image file.
+    pub fn embed_path(&self, path: &Path) -> Result<ImageFeatures> {
+        let img = vision::load_image(path, &self.opts.limits)?;
+        self.embed_image(&img)
+    }
+
+    /// Encode a decoded image.
+    pub fn embed_image(&self, img: &DecodedImage) -> Result<ImageFeatures> {
+        self.image.run(&self.preprocess(img))
+    }
+
+    /// Encode an already preprocessed CHW tensor.
+    pub fn embed_preprocessed(&self, chw: &[f32]) -> Result<ImageFeatures> {
+        self.image.run(chw)
+    }
+
+    /// Token ids for `texts`, `texts.len() x context_length`.
+    pub fn tokenize(&self, texts: &[String]) -> Vec<i64> {
+        let ctx = self.bundle.manifest().text.context_length;
+        self.tokenizer.tokenize_batch(texts, ctx)
+    }
+
+    /// L2-normalised text embeddings, one `embed_dim` vector per text.
+    pub fn embed_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let d = self.bundle.manifest().dims.embed_dim;
+        let flat = self.text_encoder()?.run(&self.tokenize(texts), |_, _| {})?;
+        Ok(flat.chunks(d).map(|c| c.to_vec()).collect())
+    }
+
+    /// Label embeddings for zero-shot classification (from the cache when present).
+    /// `progress(done, total)` is called as prompts are encoded.
+    pub fn label_set(&self, labels: &[String], templates: &Templates, mut progress: impl FnMut(usize, usize)) -> Result<LabelSet> {
+        let d = self.bundle.manifest().dims.embed_dim;
+        let cache = self.opts.cache_dir.as_ref().map(LabelCache::new);
+        let key = LabelCache::key(self.bundle.id(), &self.opts.engine.precision, labels, templates);
+        if let Some(set) = cache.as_ref().and_then(|c| c.get(self.bundle.id(), &key, labels, d)) {
+            return Ok(set);
+        }
+        let nt = templates.as_slice().len();
+        let prompts: Vec<String> = labels.iter().flat_map(|l| (0..nt).map(move |j| templates.fill(j, l))).collect();
+        let emb = self.text_encoder()?.run(&self.tokenize(&prompts), &mut progress)?;
+        let set = LabelSet::from_prompt_embeddings(labels.to_vec(), nt, d, &emb)?;
+        if let Some(c) = cache {
+            c.put(self.bundle.id(), &key, &set);
+        }
+        Ok(set)
+    }
+
+    /// Top-k labels for an image's features.
+    pub fn classify(&self, features: &ImageFeatures, labels: &LabelSet, top_k: usize) -> Result<Vec<Score>> {
+        labels.classify(&features.embedding, self.bundle.manifest().logit_scale, top_k)
+    }
+}

@@ -1,0 +1,249 @@
+//! The real `coca` binary: the main job works, and every bad input is one line on stderr and
+//! exit code 2, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+fn bundle() -> PathBuf {
+    root().join(coca_edge::DEFAULT_BUNDLE)
+}
+fn image(name: &str) -> PathBuf {
+    root().join("tests/fixtures/images").join(name)
+}
+fn bad(name: &str) -> PathBuf {
+    root().join("tests/fixtures/bad").join(name)
+}
+
+fn coca(args: &[&dyn AsRef<std::ffi::OsStr>], cache: &Path) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_coca"));
+    c.env("COCA_CACHE_DIR", cache).env_remove("COCA_MODEL").env_remove("COCA_LOG");
+    for a in args {
+        c.arg(a.as_ref());
+    }
+    c.output().expect("coca runs")
+}
+
+/// Exit 2, exactly one non-empty line on stderr that mentions `needle`, no panic.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {stderr}");
+    assert!(lines[0].starts_with("coca: "), "{stderr}");
+    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
+}
+
+fn copy_bundle(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(bundle()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("coca.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut m);
+    std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+fn sha256(p: &Path) -> String {
+    coca_edge::bundle::sha256_file(p).unwrap()
+}
+
+#[test]
+fn classify_default_model_text_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image("chelsea.png");
+    let out = coca(&[&"classify", &img, &"--labels", &"cat,dog,car", &"--top-k", &"2"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(s.lines().count(), 3, "{s}");
+    // second run: labels come from the cache, same output
+    let out = coca(&[&"classify", &img, &"--labels", &"cat,dog,car", &"--top-k", &"2", &"--json"], tmp.path());
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["top"].as_array().unwrap().len(), 2);
+    assert!(std::fs::read_dir(tmp.path().join("labels")).unwrap().count() >= 1, "cache written");
+}
+
+#[test]
+fn embed_prints_one_normalised_vector_per_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"embed", &"--json", &image("chelsea.png"), &image("china.jpg")], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8(out.stdout).unwrap();
+    for line in s.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let e: Vec<f64> = v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let n: f64 = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((n - 1.0).abs() < 1e-4, "norm {n}");
+    }
+    assert_eq!(s.lines().count(), 2);
+}
+
+#[test]
+fn info_describes_the_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"info", &"--json", &"--threads", &"1"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["precision"], "f32");
+    assert!(v["graphs"].as_array().unwrap().len() >= 2);
+}
+
+#[test]
+fn a_bad_image_among_good_ones_keeps_the_good_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"embed", &image("chelsea.png"), &bad("empty.jpg"), &image("china.jpg")], tmp.path());
+    assert_one_line_error(&out, "empty.jpg");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+}
+
+#[test]
+fn missing_bundle_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"--model", &tmp.path().join("nope"), &"embed", &image("chelsea.png")], tmp.path());
+    assert_one_line_error(&out, "model bundle folder not found");
+}
+
+#[test]
+fn missing_graph_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    std::fs::remove_file(b.join("image_encoder.onnx")).unwrap();
+    let out = coca(&[&"--model", &b, &"embed", &image("chelsea.png")], tmp.path());
+    assert_one_line_error(&out, "image_encoder.onnx: bundle file missing");
+}
+
+#[test]
+fn corrupt_graph_file_same_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    let p = b.join("image_encoder.onnx");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&p, bytes).unwrap();
+    let out = coca(&[&"--model", &b, &"embed", &image("chelsea.png")], tmp.path());
+    assert_one_line_error(&out, "image_encoder.onnx: sha256");
+}
+
+#[test]
+fn truncated_graph_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    let p = b.join("image_encoder.onnx");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+    let out = coca(&[&"--model", &b, &"embed", &image("chelsea.png")], tmp.path());
+    assert_one_line_error(&out, "does not match the manifest");
+}
+
+#[test]
+fn graph_that_does_not_match_the_manifest() {
+    // a valid graph with the right hash in the manifest, but the wrong graph for the slot
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    std::fs::copy(b.join("text_encoder.onnx"), b.join("image_encoder.onnx")).unwrap();
+    let (sha, size) = (sha256(&b.join("image_encoder.onnx")), std::fs::metadata(b.join("image_encoder.onnx")).unwrap().len());
+    edit_manifest(&b, |m| {
+        m["files"]["image_encoder.onnx"]["sha256"] = sha.into();
+        m["files"]["image_encoder.onnx"]["size"] = size.into();
+    });
+    let out = coca(&[&"--model", &b, &"embed", &image("chelsea.png")], tmp.path());
+    assert_one_line_error(&out, "graph does not match the manifest");
+}
+
+#[test]
+fn graph_with_a_wrong_input_shape_in_the_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    edit_manifest(&b, |m| {
+        m["graphs"]["image_encoder"]["inputs"][0]["shape"] = serde_json::json!(["batch", 3, 256, 256]);
+    });
+    let out = coca(&[&"--model", &b, &"embed", &image("chelsea.png")], tmp.path());
+    assert_one_line_error(&out, "image_encoder.onnx: graph does not match the manifest");
+}
+
+#[test]
+fn manifest_of_unknown_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    edit_manifest(&b, |m| m["format_version"] = 7.into());
+    let out = coca(&[&"--model", &b, &"info"], tmp.path());
+    assert_one_line_error(&out, "unsupported bundle format version 7");
+}
+
+#[test]
+fn manifest_that_is_not_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    std::fs::write(b.join("coca.json"), b"{\"format\": \"coca-edge-bundle\",").unwrap();
+    let out = coca(&[&"--model", &b, &"info"], tmp.path());
+    assert_one_line_error(&out, "coca.json: invalid manifest: not valid JSON");
+}
+
+#[test]
+fn bad_images_each_get_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["empty.jpg", "empty.png", "truncated.jpg", "truncated.png", "text.jpg", "huge_header.png"] {
+        let out = coca(&[&"classify", &bad(name), &"--labels", &"a,b"], tmp.path());
+        assert_one_line_error(&out, name);
+    }
+    let out = coca(&[&"embed", &bad("huge_header.png")], tmp.path());
+    assert_one_line_error(&out, "100000x100000");
+    let out = coca(&[&"embed", &tmp.path().join("missing.jpg")], tmp.path());
+    assert_one_line_error(&out, "missing.jpg");
+}
+
+#[test]
+fn empty_label_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"classify", &image("chelsea.png"), &"--labels", &" , "], tmp.path());
+    assert_one_line_error(&out, "no labels");
+    let f = tmp.path().join("labels.txt");
+    std::fs::write(&f, "\n# only a comment\n\n").unwrap();
+    let out = coca(&[&"classify", &image("chelsea.png"), &"--labels-file", &f], tmp.path());
+    assert_one_line_error(&out, "no labels");
+}
+
+#[test]
+fn label_file_that_is_not_utf8() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("labels.txt");
+    std::fs::write(&f, b"cat\ndog\n\xff\xfe caf\xe9\n").unwrap();
+    let out = coca(&[&"classify", &image("chelsea.png"), &"--labels-file", &f], tmp.path());
+    assert_one_line_error(&out, "not UTF-8");
+}
+
+#[test]
+fn templates_without_placeholder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("t.txt");
+    std::fs::write(&f, "a photo of something\n").unwrap();
+    let out = coca(&[&"classify", &image("chelsea.png"), &"--labels", &"a,b", &"--templates", &f], tmp.path());
+    assert_one_line_error(&out, "placeholder");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"classify", &image("chelsea.png")], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    let out = coca(&[&"--threads", &"0", &"info"], tmp.path());
+    assert_one_line_error(&out, "--threads");
+}
