@@ -37,6 +37,13 @@ pub(crate) fn premultiply_row<const C: usize>(src: &[u8], dst: &mut [u8]) {
     }
 }
 
+/// `cmyk2rgb`: `nk = 255 - k; channel = nk - c * nk / 255` (rounded), clipped.
+#[inline(always)]
+pub(crate) fn cmyk_to_rgb(p: &[u8]) -> [u8; 3] {
+    let nk = 255 - p[3];
+    [nk - muldiv255(p[0], nk), nk - muldiv255(p[1], nk), nk - muldiv255(p[2], nk)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +81,15 @@ mod tests {
         assert_eq!(unpremultiply(17, 0), 17);
         assert_eq!(unpremultiply(17, 255), 17);
         assert_eq!(unpremultiply(1, 2), 127);
+    }
+
+    #[test]
+    fn cmyk_values_from_pillow() {
+        // Image.new("CMYK", (1, 1), v).convert("RGB") in Pillow 13
+        assert_eq!(cmyk_to_rgb(&[0, 0, 0, 0]), [255, 255, 255]);
+        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 0]), [0, 0, 0]);
+        assert_eq!(cmyk_to_rgb(&[10, 100, 200, 50]), [197, 125, 44]);
+        assert_eq!(cmyk_to_rgb(&[0, 0, 0, 255]), [0, 0, 0]);
     }
 
     #[test]

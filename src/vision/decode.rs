@@ -3,6 +3,7 @@
 use std::io::{Cursor, Read};
 use std::path::Path;
 
+use super::jpeg::{JpegError, JpegPixels};
 use super::{DecodeLimits, DecodedImage, PixelMode};
 use crate::error::{one_line, Error, Result};
 
@@ -21,24 +22,25 @@ const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 /// * PNG (decoded with the `png` crate, no transformations): grey 1-bit is [`PixelMode::Bilevel`];
 ///   grey 2/4-bit are scaled to 8-bit [`PixelMode::L`] (x85, x17, as Pillow's unpackers);
 ///   palette images at any bit depth stay [`PixelMode::Palette`] with their `PLTE` and `tRNS`;
-///   `tRNS` on grey/RGB images is ignored (PIL keeps it as metadata only). 16-bit channels keep
-///   their high byte, which is what Pillow does for RGB, RGBA and grey+alpha PNGs; for 16-bit
-///   *grey* Pillow opens mode "I;16" and its `convert("RGB")` clips values above 255 to white,
-///   which this crate does not copy (it keeps the high byte), so 16-bit grey PNGs differ from
-///   open_clip on purpose.
+///   `tRNS` on grey/RGB images is ignored (PIL keeps it as metadata only). 16-bit RGB, RGBA
+///   and grey+alpha keep their high byte, as Pillow's unpackers do (grey+alpha is kept as
+///   [`PixelMode::LA`]; Pillow opens it as RGBA with equal colour channels, which resizes to the
+///   same values); 16-bit grey is [`PixelMode::I16`] like Pillow's "I;16".
 /// * GIF (`gif` crate, indexed output): the first frame on its logical screen (grown to fit the
 ///   frame, as Pillow does), background index 0 or the transparent index; mode
 ///   [`PixelMode::Palette`] with the local or global palette, or [`PixelMode::L`] when there is
 ///   no palette or it is the identity grey ramp (Pillow's rule).
-/// * JPEG, BMP, TIFF, WebP, PNM: the `image` crate. Grey stays grey, RGB stays RGB, alpha stays
-///   alpha; 16-bit samples keep the high byte; float samples are clamped to 0..=1 and scaled.
-///   CMYK/YCCK JPEGs are converted to RGB by the decoder (zune-jpeg) before resizing, whereas
-///   Pillow resizes the CMYK planes and converts afterwards with its own formula, so CMYK JPEGs
-///   only approximate open_clip. Palette BMP/TIFF images are expanded to RGB by the decoder
-///   (Pillow keeps mode "P" and resizes with nearest neighbour), so they differ too. Binary
-///   PBM files become [`PixelMode::Bilevel`] like PIL's mode "1". JPEG pixels come from
-///   zune-jpeg rather than libjpeg-turbo; its IDCT, chroma upsampling and colour conversion may
-///   differ by a level here and there (see `tests/preprocess.rs` for the measured effect).
+/// * JPEG: `super::jpeg`, libjpeg-turbo's own decoder (through `mozjpeg-sys`), the decoder
+///   Pillow uses, with Pillow's settings (accurate integer IDCT, fancy upsampling): the same
+///   pixels bit for bit. Grey, YCbCr/RGB and CMYK/YCCK (four-component files become
+///   [`PixelMode::Cmyk`] as Pillow reads them); other component layouts go to the `image`
+///   crate, which may refuse them.
+/// * BMP, TIFF, WebP, PNM: the `image` crate. Grey stays grey, RGB stays RGB, alpha stays
+///   alpha; 16-bit grey is [`PixelMode::I16`], other 16-bit samples keep the high byte; float
+///   samples are clamped to 0..=1 and scaled. Palette BMP/TIFF images are expanded to RGB by the
+///   decoder, whereas Pillow keeps mode "P" and resizes them with nearest neighbour, so those
+///   differ from open_clip (8-bit palette BMP: up to 50 levels). Binary PBM files become
+///   [`PixelMode::Bilevel`] like PIL's mode "1".
 /// * EXIF orientation is not applied (open_clip does not apply it either).
 pub fn decode_image(bytes: &[u8], name: &str, limits: &DecodeLimits) -> Result<DecodedImage> {
     let fail = |message: String| Error::Image { name: name.to_string(), message: one_line(&message) };
@@ -53,6 +55,16 @@ pub fn decode_image(bytes: &[u8], name: &str, limits: &DecodeLimits) -> Result<D
     }
     if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
         return decode_gif(bytes, limits).map_err(fail);
+    }
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        return match super::jpeg::decode(bytes, |w, h| check_size(w, h, limits), limits.max_pixels.saturating_mul(16).saturating_add(64 << 20)) {
+            Ok(img) => jpeg_image(img).map_err(fail),
+            Err(JpegError::Refused(m)) => Err(fail(m)),
+            Err(JpegError::Corrupt(m)) => Err(fail(format!("truncated or corrupt JPEG: {m}"))),
+            // not what libjpeg-turbo's default path handles: let the image crate try
+            Err(JpegError::Unsupported(what)) => decode_with_image_crate(bytes, image::ImageFormat::Jpeg, limits)
+                .map_err(|e| fail(format!("unsupported JPEG variant ({what}): {e}"))),
+        };
     }
     use image::ImageFormat as F;
     match image::guess_format(bytes) {
@@ -81,14 +93,19 @@ pub fn load_image(path: &Path, limits: &DecodeLimits) -> Result<DecodedImage> {
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // the file may grow between metadata() and read: never read more than the limit + 1
-    file.take(limits.max_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path, e))?;
+    file.take(limits.max_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
     decode_image(&bytes, &name, limits)
 }
 
 fn format_name(f: image::ImageFormat) -> String {
-    f.extensions_str().first().map_or_else(|| format!("{f:?}"), |e| e.to_uppercase())
+    use image::ImageFormat as F;
+    match f {
+        F::Jpeg => "JPEG".into(),
+        F::Tiff => "TIFF".into(),
+        F::WebP => "WebP".into(),
+        F::Pnm => "PNM".into(),
+        f => f.extensions_str().first().map_or_else(|| format!("{f:?}"), |e| e.to_uppercase()),
+    }
 }
 
 /// Checks the header's size against the limits; messages are the part after "name: ".
@@ -97,17 +114,11 @@ fn check_size(width: u64, height: u64, limits: &DecodeLimits) -> std::result::Re
         return Err(format!("image is {width}x{height}, which has no pixels"));
     }
     if width > limits.max_width as u64 || height > limits.max_height as u64 {
-        return Err(format!(
-            "image is {width}x{height}, over the {}x{} limit",
-            limits.max_width, limits.max_height
-        ));
+        return Err(format!("image is {width}x{height}, over the {}x{} limit", limits.max_width, limits.max_height));
     }
     let pixels = width * height;
     if pixels > limits.max_pixels {
-        return Err(format!(
-            "image is {width}x{height} ({pixels} pixels), over the {}-pixel limit",
-            limits.max_pixels
-        ));
+        return Err(format!("image is {width}x{height} ({pixels} pixels), over the {}-pixel limit", limits.max_pixels));
     }
     Ok(())
 }
@@ -133,7 +144,8 @@ fn decode_png(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<Decode
         png::DecodingError::LimitsExceeded => "PNG needs more memory than the decode limits allow".to_string(),
         e => format!("truncated or corrupt PNG: {e}"),
     };
-    let budget = if bytes.len() >= 24 { alloc_budget(u32_be(&bytes[16..20]), u32_be(&bytes[20..24])) } else { 64 << 20 };
+    let budget =
+        if bytes.len() >= 24 { alloc_budget(u32_be(&bytes[16..20]), u32_be(&bytes[20..24])) } else { 64 << 20 };
     let mut decoder = png::Decoder::new_with_limits(
         Cursor::new(bytes),
         png::Limits { bytes: usize::try_from(budget).unwrap_or(usize::MAX) },
@@ -165,7 +177,7 @@ fn decode_png(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<Decode
         (C::GrayscaleAlpha, 8) => (PixelMode::LA, rows(&buf, line, w, h, 2)),
         (C::Rgb, 8) => (PixelMode::Rgb, rows(&buf, line, w, h, 3)),
         (C::Rgba, 8) => (PixelMode::Rgba, rows(&buf, line, w, h, 4)),
-        (C::Grayscale, 16) => (PixelMode::L, high_bytes(&buf, line, w, h, 1)),
+        (C::Grayscale, 16) => (PixelMode::I16, swap_bytes(&buf, line, w, h)),
         (C::GrayscaleAlpha, 16) => (PixelMode::LA, high_bytes(&buf, line, w, h, 2)),
         (C::Rgb, 16) => (PixelMode::Rgb, high_bytes(&buf, line, w, h, 3)),
         (C::Rgba, 16) => (PixelMode::Rgba, high_bytes(&buf, line, w, h, 4)),
@@ -194,6 +206,17 @@ fn high_bytes(buf: &[u8], line: usize, w: usize, h: usize, c: usize) -> Vec<u8> 
     let mut out = Vec::with_capacity(w * h * c);
     for y in 0..h {
         out.extend(buf[y * line..y * line + w * c * 2].iter().step_by(2));
+    }
+    out
+}
+
+/// 16-bit big-endian grey rows to tight little-endian samples.
+fn swap_bytes(buf: &[u8], line: usize, w: usize, h: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(w * h * 2);
+    for y in 0..h {
+        for p in buf[y * line..y * line + w * 2].chunks_exact(2) {
+            out.extend_from_slice(&[p[1], p[0]]);
+        }
     }
     out
 }
@@ -229,10 +252,9 @@ fn decode_gif(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<Decode
     }
     let mut opts = gif::DecodeOptions::new();
     opts.set_color_output(gif::ColorOutput::Indexed);
-    if let Some(limit) = std::num::NonZeroU64::new(alloc_budget(65535, 65535).min(alloc_budget(
-        limits.max_width as u64,
-        limits.max_height as u64,
-    ))) {
+    if let Some(limit) = std::num::NonZeroU64::new(
+        alloc_budget(65535, 65535).min(alloc_budget(limits.max_width as u64, limits.max_height as u64)),
+    ) {
         opts.set_memory_limit(gif::MemoryLimit::Bytes(limit));
     }
     let mut decoder = opts.read_info(Cursor::new(bytes)).map_err(corrupt)?;
@@ -257,7 +279,8 @@ fn decode_gif(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<Decode
         None => global,
     };
     // Pillow opens a GIF whose palette is absent or the identity grey ramp as mode "L"
-    let palette = palette.filter(|p| p.chunks_exact(3).enumerate().any(|(i, c)| !(c[0] as usize == i && c[1] == c[0] && c[2] == c[0])));
+    let palette = palette
+        .filter(|p| p.chunks_exact(3).enumerate().any(|(i, c)| !(c[0] as usize == i && c[1] == c[0] && c[2] == c[0])));
     let mode = match palette {
         Some(p) => {
             let colors: Vec<[u8; 3]> = p.chunks_exact(3).take(256).map(|c| [c[0], c[1], c[2]]).collect();
@@ -271,6 +294,17 @@ fn decode_gif(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<Decode
         None => PixelMode::L,
     };
     DecodedImage::new(w as u32, h as u32, mode, pixels).map_err(|e| e.to_string())
+}
+
+// ----------------------------------------------------------------------------------------- JPEG
+
+fn jpeg_image(img: super::jpeg::JpegImage) -> std::result::Result<DecodedImage, String> {
+    let (mode, pixels) = match img.pixels {
+        JpegPixels::Gray(p) => (PixelMode::L, p),
+        JpegPixels::Rgb(p) => (PixelMode::Rgb, p),
+        JpegPixels::Cmyk(p) => (PixelMode::Cmyk, p),
+    };
+    DecodedImage::new(img.width, img.height, mode, pixels).map_err(|e| e.to_string())
 }
 
 // --------------------------------------------------------------------------- JPEG, BMP, TIFF, ...
@@ -302,12 +336,14 @@ fn decode_with_image_crate(
     let bilevel = format == image::ImageFormat::Pnm && (bytes.starts_with(b"P1") || bytes.starts_with(b"P4"));
     let (w, h) = (img.width(), img.height());
     let (mode, pixels) = match img {
-        D::ImageLuma8(b) if bilevel => (PixelMode::Bilevel, b.into_raw().into_iter().map(|v| if v != 0 { 255 } else { 0 }).collect()),
+        D::ImageLuma8(b) if bilevel => {
+            (PixelMode::Bilevel, b.into_raw().into_iter().map(|v| if v != 0 { 255 } else { 0 }).collect())
+        }
         D::ImageLuma8(b) => (PixelMode::L, b.into_raw()),
         D::ImageLumaA8(b) => (PixelMode::LA, b.into_raw()),
         D::ImageRgb8(b) => (PixelMode::Rgb, b.into_raw()),
         D::ImageRgba8(b) => (PixelMode::Rgba, b.into_raw()),
-        D::ImageLuma16(b) => (PixelMode::L, b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect()),
+        D::ImageLuma16(b) => (PixelMode::I16, b.into_raw().into_iter().flat_map(u16::to_le_bytes).collect()),
         D::ImageLumaA16(b) => (PixelMode::LA, b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect()),
         D::ImageRgb16(b) => (PixelMode::Rgb, b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect()),
         D::ImageRgba16(b) => (PixelMode::Rgba, b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect()),
@@ -388,7 +424,8 @@ mod tests {
         let ihdr = [&3u32.to_be_bytes()[..], &2u32.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
         let raw = [0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 10, 11, 12, 13, 14, 15, 16, 17, 18];
         let idat = stored_zlib(&raw);
-        let png = [PNG_SIGNATURE, &png_chunk(b"IHDR", &ihdr), &png_chunk(b"IDAT", &idat), &png_chunk(b"IEND", &[])].concat();
+        let png =
+            [PNG_SIGNATURE, &png_chunk(b"IHDR", &ihdr), &png_chunk(b"IDAT", &idat), &png_chunk(b"IEND", &[])].concat();
         let img = decode_image(&png, "ok.png", &limits).unwrap();
         assert_eq!((img.width(), img.height(), img.mode()), (3, 2, &PixelMode::Rgb));
         assert_eq!(img.pixels(), &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]);

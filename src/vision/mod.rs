@@ -23,6 +23,7 @@
 
 mod convert;
 mod decode;
+mod jpeg;
 mod resize;
 
 pub use decode::{decode_image, load_image};
@@ -33,6 +34,7 @@ use resize::Coeffs;
 /// open_clip's `OPENAI_DATASET_MEAN`.
 pub const OPENAI_DATASET_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// open_clip's `OPENAI_DATASET_STD`.
+#[allow(clippy::excessive_precision)] // the literals exactly as open_clip writes them
 pub const OPENAI_DATASET_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Limits checked before an image is decoded. Every limit is checked against the file's size or
@@ -64,12 +66,20 @@ pub enum PixelMode {
     Bilevel,
     /// PIL "L": one byte per pixel, grey level.
     L,
+    /// PIL "I;16": 16-bit grey (PNG and TIFF), two bytes per pixel, little-endian. Resized
+    /// like Pillow (float weights, rounded, clamped to 0..=65535); `convert("RGB")` then clips
+    /// values above 255 to 255, so full-range 16-bit images come out nearly white. That is
+    /// what open_clip does with them, and it is reproduced here on purpose.
+    I16,
     /// PIL "LA": grey level then alpha (not premultiplied).
     LA,
     /// PIL "RGB": three bytes per pixel.
     Rgb,
     /// PIL "RGBA": four bytes per pixel, alpha last (not premultiplied).
     Rgba,
+    /// PIL "CMYK": four bytes per pixel (JPEG files with four components, as Pillow reads
+    /// them). Resized per channel, then converted with Pillow's `cmyk2rgb`.
+    Cmyk,
     /// PIL "P": one byte per pixel, an index into `colors`. Resized with nearest neighbour on the
     /// indices, then looked up; an index past the end of `colors` reads as black, as in Pillow.
     Palette {
@@ -84,12 +94,12 @@ pub enum PixelMode {
 
 impl PixelMode {
     /// Bytes per pixel.
-    pub fn channels(&self) -> usize {
+    pub fn bytes_per_pixel(&self) -> usize {
         match self {
             PixelMode::Bilevel | PixelMode::L | PixelMode::Palette { .. } => 1,
-            PixelMode::LA => 2,
+            PixelMode::LA | PixelMode::I16 => 2,
             PixelMode::Rgb => 3,
-            PixelMode::Rgba => 4,
+            PixelMode::Rgba | PixelMode::Cmyk => 4,
         }
     }
 
@@ -98,9 +108,11 @@ impl PixelMode {
         match self {
             PixelMode::Bilevel => "1",
             PixelMode::L => "L",
+            PixelMode::I16 => "I;16",
             PixelMode::LA => "LA",
             PixelMode::Rgb => "RGB",
             PixelMode::Rgba => "RGBA",
+            PixelMode::Cmyk => "CMYK",
             PixelMode::Palette { .. } => "P",
         }
     }
@@ -117,11 +129,10 @@ pub struct DecodedImage {
 }
 
 impl DecodedImage {
-    /// Wrap raw pixels: `width * height * mode.channels()` bytes, row-major, no padding.
+    /// Wrap raw pixels: `width * height * mode.bytes_per_pixel()` bytes, row-major, no padding.
     pub fn new(width: u32, height: u32, mode: PixelMode, pixels: Vec<u8>) -> Result<Self> {
-        let expect = (width as u64)
-            .checked_mul(height as u64)
-            .and_then(|n| n.checked_mul(mode.channels() as u64));
+        let expect =
+            (width as u64).checked_mul(height as u64).and_then(|n| n.checked_mul(mode.bytes_per_pixel() as u64));
         if width == 0 || height == 0 {
             return Err(Error::InvalidArgument(format!("image size {width}x{height} is empty")));
         }
@@ -158,7 +169,7 @@ impl DecodedImage {
         &self.mode
     }
 
-    /// The raw pixels, `width * height * mode().channels()` bytes.
+    /// The raw pixels, `width * height * mode().bytes_per_pixel()` bytes.
     pub fn pixels(&self) -> &[u8] {
         &self.pixels
     }
@@ -193,7 +204,7 @@ pub fn resized_size(width: u32, height: u32, size: u32) -> (u64, u64) {
 pub fn center_crop_offset(len: u64, crop: u64) -> u64 {
     let d = len.saturating_sub(crop);
     let half = d / 2;
-    if d % 2 == 0 || half % 2 == 0 {
+    if d.is_multiple_of(2) || half.is_multiple_of(2) {
         half
     } else {
         half + 1
@@ -244,6 +255,12 @@ pub fn preprocess_u8(img: &DecodedImage, size: u32) -> Vec<u8> {
                 o.fill(v);
             }
         }
+        PixelMode::I16 => {
+            let r = bicubic_window_i16(px, w, h, nw, nh, left, top, s);
+            for (o, &v) in out.chunks_exact_mut(3).zip(&r) {
+                o.fill(v.min(255) as u8);
+            }
+        }
         PixelMode::LA => {
             let r = bicubic_window::<2>(px, w, h, nw, nh, left, top, s, true);
             for (o, p) in out.chunks_exact_mut(3).zip(r.chunks_exact(2)) {
@@ -252,6 +269,12 @@ pub fn preprocess_u8(img: &DecodedImage, size: u32) -> Vec<u8> {
         }
         PixelMode::Rgb => {
             out = bicubic_window::<3>(px, w, h, nw, nh, left, top, s, false);
+        }
+        PixelMode::Cmyk => {
+            let r = bicubic_window::<4>(px, w, h, nw, nh, left, top, s, false);
+            for (o, p) in out.chunks_exact_mut(3).zip(r.chunks_exact(4)) {
+                o.copy_from_slice(&convert::cmyk_to_rgb(p));
+            }
         }
         PixelMode::Rgba => {
             let r = bicubic_window::<4>(px, w, h, nw, nh, left, top, s, true);
@@ -275,9 +298,9 @@ pub fn normalize(rgb: &[u8], size: u32, mean: [f32; 3], std: [f32; 3]) -> Vec<f3
     assert_eq!(rgb.len(), n * 3, "normalize: expected {size}x{size}x3 bytes, got {}", rgb.len());
     // every value is a pure function of (byte, channel): tabulate
     let mut lut = [[0f32; 256]; 3];
-    for c in 0..3 {
-        for v in 0..256 {
-            lut[c][v] = (v as f32 / 255.0f32 - mean[c]) / std[c];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, t) in table.iter_mut().enumerate() {
+            *t = (v as f32 / 255.0f32 - mean[c]) / std[c];
         }
     }
     let mut out = vec![0f32; 3 * n];
@@ -296,7 +319,7 @@ pub fn preprocess(img: &DecodedImage, size: u32, mean: [f32; 3], std: [f32; 3]) 
     normalize(&preprocess_u8(img, size), size, mean, std)
 }
 
-/// RGB for each possible byte of a one-channel indexed/bilevel image (`convert("RGB")`).
+/// RGB for each possible byte of a one-byte-per-pixel image (`convert("RGB")`).
 fn index_lut(mode: &PixelMode) -> Vec<[u8; 3]> {
     let mut lut = vec![[0u8; 3]; 256];
     match mode {
@@ -322,28 +345,77 @@ fn index_lut(mode: &PixelMode) -> Vec<[u8; 3]> {
 /// `img.crop(...).convert("RGB")` without a resize (no premultiplication round trip).
 fn crop_to_rgb(img: &DecodedImage, left: usize, top: usize, cw: usize, ch: usize, out: &mut [u8]) {
     let w = img.width as usize;
-    let c = img.mode.channels();
-    let lut = if c == 1 { Some(index_lut(&img.mode)) } else { None };
+    let c = img.mode.bytes_per_pixel();
+    let lut = index_lut(&img.mode);
     for (y, orow) in (top..top + ch).zip(out.chunks_exact_mut(cw * 3)) {
         let row = &img.pixels[(y * w + left) * c..(y * w + left + cw) * c];
-        match (&img.mode, &lut) {
-            (_, Some(lut)) => {
+        match &img.mode {
+            PixelMode::Bilevel | PixelMode::L | PixelMode::Palette { .. } => {
                 for (o, &v) in orow.chunks_exact_mut(3).zip(row) {
                     o.copy_from_slice(&lut[v as usize]);
                 }
             }
-            (PixelMode::LA, _) => {
+            // I16_RGB: values above 255 clip
+            PixelMode::I16 => {
+                for (o, p) in orow.chunks_exact_mut(3).zip(row.chunks_exact(2)) {
+                    o.fill(u16::from_le_bytes([p[0], p[1]]).min(255) as u8);
+                }
+            }
+            PixelMode::LA => {
                 for (o, p) in orow.chunks_exact_mut(3).zip(row.chunks_exact(2)) {
                     o.fill(p[0]);
                 }
             }
-            (PixelMode::Rgb, _) => orow.copy_from_slice(row),
-            _ => {
+            PixelMode::Rgb => orow.copy_from_slice(row),
+            PixelMode::Rgba => {
                 for (o, p) in orow.chunks_exact_mut(3).zip(row.chunks_exact(4)) {
                     o.copy_from_slice(&p[..3]);
                 }
             }
+            PixelMode::Cmyk => {
+                for (o, p) in orow.chunks_exact_mut(3).zip(row.chunks_exact(4)) {
+                    o.copy_from_slice(&convert::cmyk_to_rgb(p));
+                }
+            }
         }
+    }
+}
+
+/// Pillow's 16-bit ("I;16") resize (`ImagingResample*_16bpc`, float weights) of the `s x s`
+/// window at (`left`, `top`) of the `nw x nh` result.
+#[allow(clippy::too_many_arguments)]
+fn bicubic_window_i16(
+    px: &[u8],
+    w: usize,
+    h: usize,
+    nw: usize,
+    nh: usize,
+    left: usize,
+    top: usize,
+    s: usize,
+) -> Vec<u16> {
+    let vw = (nh != h).then(|| resize::Weights::bicubic(h, nh, top, s));
+    let hw = (nw != w).then(|| resize::Weights::bicubic(w, nw, left, s));
+    let (y0, y1) = vw.as_ref().map_or((top, top + s), resize::Weights::source_range);
+    let (x0, x1) = hw.as_ref().map_or((left, left + s), resize::Weights::source_range);
+    let mut temp = vec![0u16; (y1 - y0) * s];
+    let mut row = vec![0u16; x1 - x0];
+    for (y, trow) in (y0..y1).zip(temp.chunks_exact_mut(s)) {
+        for (d, p) in row.iter_mut().zip(px[(y * w + x0) * 2..(y * w + x1) * 2].chunks_exact(2)) {
+            *d = u16::from_le_bytes([p[0], p[1]]);
+        }
+        match &hw {
+            Some(hw) => resize::horizontal_row_i16(&row, x0, hw, trow),
+            None => trow.copy_from_slice(&row),
+        }
+    }
+    match &vw {
+        Some(vw) => {
+            let mut out = vec![0u16; s * s];
+            resize::vertical_i16(&temp, y0, s, vw, &mut out);
+            out
+        }
+        None => temp,
     }
 }
 
@@ -474,8 +546,16 @@ mod tests {
     #[test]
     fn tiny_and_extreme_shapes_do_not_panic() {
         for (w, h) in [(1, 1), (1, 500), (500, 1), (2, 3), (3000, 7)] {
-            for mode in [PixelMode::L, PixelMode::LA, PixelMode::Rgb, PixelMode::Rgba, PixelMode::Bilevel] {
-                let n = (w * h) as usize * mode.channels();
+            for mode in [
+                PixelMode::L,
+                PixelMode::LA,
+                PixelMode::Rgb,
+                PixelMode::Rgba,
+                PixelMode::Bilevel,
+                PixelMode::Cmyk,
+                PixelMode::I16,
+            ] {
+                let n = (w * h) as usize * mode.bytes_per_pixel();
                 let img = DecodedImage::new(w, h, mode, vec![128; n]).unwrap();
                 assert_eq!(preprocess_u8(&img, 224).len(), 224 * 224 * 3);
             }
@@ -490,8 +570,9 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::excessive_precision)]
     fn normalize_matches_float32_formula() {
-        let rgb = vec![0u8, 128, 255, 255, 0, 1];
+        let rgb = [0u8, 128, 255, 255, 0, 1];
         let t = normalize(&rgb[..3], 1, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD);
         assert_eq!(t.len(), 3);
         assert_eq!(t[0], (0.0f32 - 0.48145466f32) / 0.26862954f32);
