@@ -18,6 +18,7 @@
 //!
 //! # Layout
 //! Imports point one way, down this list; nothing imports what is above it.
+//! - [`ffi`]: the C ABI (`include/coca_edge.h`), a thin panic-safe layer over the public API.
 //! - [`pipeline`]: `Pipeline`, what the CLI, the Rust API and the C ABI share: bundle ->
 //!   preprocess -> image encoder -> labels.
 //! - [`classify`]: zero-shot label embeddings (prompt templates, averaging, on-disk cache), scores.
@@ -30,6 +31,7 @@
 pub mod bundle;
 pub mod classify;
 pub mod error;
+pub mod ffi;
 pub mod model;
 pub mod pipeline;
 pub mod text;

@@ -94,6 +94,15 @@ fn check_labels(labels: Vec<String>, what: &str) -> Result<Vec<String>> {
     Ok(labels)
 }
 
+/// Check a list of labels given by a program (trimmed; empty, duplicate, over-long refused).
+pub fn parse_label_list_vec(labels: Vec<String>) -> Result<Vec<String>> {
+    let labels = labels.into_iter().map(|s| s.trim().to_string()).collect::<Vec<_>>();
+    if let Some(i) = labels.iter().position(|l| l.is_empty()) {
+        return Err(Error::Labels { what: "labels".into(), message: format!("label {i} is empty") });
+    }
+    check_labels(labels, "labels")
+}
+
 /// Labels from a comma-separated list (`--labels a,b,c`); surrounding spaces are trimmed.
 pub fn parse_label_list(list: &str) -> Result<Vec<String>> {
     let labels: Vec<String> = list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();

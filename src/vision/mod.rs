@@ -23,10 +23,12 @@
 
 mod convert;
 mod decode;
+mod frame;
 mod jpeg;
 mod resize;
 
 pub use decode::{decode_image, load_image};
+pub use frame::{frame_to_image, PixelFormat, MAX_FRAME_SIDE};
 
 use crate::error::{Error, Result};
 use resize::Coeffs;
