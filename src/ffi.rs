@@ -545,3 +545,29 @@ pub unsafe extern "C" fn coca_result_free(result: *mut *mut CocaResult) {
         *result = std::ptr::null_mut();
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_status_and_poisons_the_handle() {
+        let dir = CString::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/coca-tiny-random")).unwrap();
+        let mut model: *mut CocaModel = std::ptr::null_mut();
+        let mut opts = std::mem::MaybeUninit::<CocaOptions>::uninit();
+        unsafe {
+            assert_eq!(coca_options_default(opts.as_mut_ptr()), CocaStatus::Ok);
+            let mut opts = opts.assume_init();
+            opts.label_cache = 0;
+            assert_eq!(coca_model_open(dir.as_ptr(), &opts, &mut model), CocaStatus::Ok);
+            let m = &*model;
+            assert_eq!(guard(Some(m), || panic!("injected")), CocaStatus::Panic);
+            assert!(CStr::from_ptr(coca_last_error()).to_str().unwrap().contains("injected"));
+            let mut dim = 0usize;
+            assert_eq!(coca_model_embed_dim(model, &mut dim), CocaStatus::Poisoned);
+            assert_eq!(dim, 0, "no output on failure");
+            coca_model_free(&mut model);
+            assert!(model.is_null());
+        }
+    }
+}
