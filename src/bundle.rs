@@ -33,6 +33,9 @@ pub struct Manifest {
     pub text: TextSpec,
     pub dims: Dims,
     pub logit_scale: f32,
+    /// captioning geometry; absent in bundles exported without decoder graphs
+    #[serde(default)]
+    pub decoder: Option<DecoderDims>,
     pub graphs: BTreeMap<String, GraphSpec>,
     pub files: BTreeMap<String, FileSpec>,
 }
@@ -65,6 +68,28 @@ pub struct TextSpec {
     pub pad: u32,
     #[serde(default = "default_clean")]
     pub clean: String,
+    /// open_clip's pad mask of the unimodal text tower: "legacy" (key j masked when token j-1
+    /// is the pad id, open_clip's CoCa default) or "none"
+    #[serde(default = "default_pad_mask")]
+    pub pad_mask: String,
+}
+
+fn default_pad_mask() -> String {
+    "legacy".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DecoderDims {
+    /// self-attention layers with a KV cache: unimodal text layers, then multimodal layers
+    pub self_layers: usize,
+    pub text_layers: usize,
+    pub cross_layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// size of the logits (the decoder's output vocabulary)
+    pub vocab_size: usize,
+    /// positional embeddings of the text tower: the longest sequence the decoder can see
+    pub max_positions: usize,
 }
 
 fn default_clean() -> String {

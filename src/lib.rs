@@ -21,6 +21,8 @@
 //! - [`ffi`]: the C ABI (`include/coca_edge.h`), a thin panic-safe layer over the public API.
 //! - [`pipeline`]: `Pipeline`, what the CLI, the Rust API and the C ABI share: bundle ->
 //!   preprocess -> image encoder -> labels.
+//! - [`caption`]: greedy, beam and sampling search over the KV-cached decoder (open_clip's
+//!   `generate()` semantics).
 //! - [`classify`]: zero-shot label embeddings (prompt templates, averaging, on-disk cache), scores.
 //! - [`model`]: the only module that names tract types: loads, checks, optimises and runs graphs.
 //! - [`bundle`]: the model bundle: versioned manifest, file sizes and hashes, validation.
@@ -29,6 +31,7 @@
 //! - [`error`]: the library's one error type; every variant names the thing that was wrong.
 
 pub mod bundle;
+pub mod caption;
 pub mod classify;
 pub mod error;
 pub mod ffi;

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::bundle::Bundle;
+use crate::caption::{self, Caption, CaptionOptions, DecoderRun, Search, Specials};
 use crate::classify::{LabelCache, LabelSet, Score, Templates};
 use crate::error::{Error, Result};
-use crate::model::{EngineOptions, ImageEncoder, ImageFeatures, TextEncoder};
+use crate::model::{Decoder, EngineOptions, ImageEncoder, ImageFeatures, TextEncoder};
 use crate::text::{Clean, Tokenizer};
 use crate::vision::{self, DecodeLimits, DecodedImage};
 
@@ -33,6 +34,8 @@ pub struct Pipeline {
     image: ImageEncoder,
     /// loaded on first use: a robot with cached labels never pays for it
     text: OnceLock<TextEncoder>,
+    /// loaded on first caption
+    decoder: OnceLock<Decoder>,
     tokenizer: Tokenizer,
 }
 
@@ -77,7 +80,7 @@ impl Pipeline {
             });
         }
         let image = ImageEncoder::load(&bundle, &opts.engine)?;
-        Ok(Pipeline { bundle, opts, image, text: OnceLock::new(), tokenizer })
+        Ok(Pipeline { bundle, opts, image, text: OnceLock::new(), decoder: OnceLock::new(), tokenizer })
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -159,5 +162,50 @@ impl Pipeline {
     /// Top-k labels for an image's features.
     pub fn classify(&self, features: &ImageFeatures, labels: &LabelSet, top_k: usize) -> Result<Vec<Score>> {
         labels.classify(&features.embedding, self.bundle.manifest().logit_scale, top_k)
+    }
+}
+
+impl Pipeline {
+    /// The captioning decoder, loaded on first use (an error if the bundle has none).
+    pub fn decoder(&self) -> Result<&Decoder> {
+        if let Some(d) = self.decoder.get() {
+            return Ok(d);
+        }
+        let d = Decoder::load(&self.bundle, &self.opts.engine)?;
+        Ok(self.decoder.get_or_init(|| d))
+    }
+
+    /// Caption an image from its features (the same encoder pass that gives the embedding).
+    /// `on_token(id, text_so_far)` sees every chosen token of greedy and sampling search
+    /// (beam search knows its caption only at the end).
+    pub fn caption(&self, features: &ImageFeatures, opts: &CaptionOptions, mut on_token: impl FnMut(u32, &str)) -> Result<Caption> {
+        let decoder = self.decoder()?;
+        opts.validate(decoder.dims().max_positions)?;
+        let m = self.bundle.manifest();
+        let sp = Specials { sot: m.text.sot, eot: m.text.eot, pad: m.text.pad, legacy_pad_mask: m.text.pad_mask == "legacy" };
+        let cross = decoder.cross_kv(&features.tokens)?;
+        let (ids, score) = match opts.search {
+            Search::Beam { beams, groups } => {
+                let mut run = DecoderRun { decoder, cache: decoder.empty_cache(beams), cross };
+                caption::beam_search(&mut run, beams, groups, opts, &sp)?
+            }
+            _ => {
+                let mut run = DecoderRun { decoder, cache: decoder.empty_cache(1), cross };
+                let mut so_far: Vec<u32> = Vec::new();
+                caption::sample_search(&mut run, opts, &sp, |t| {
+                    so_far.push(t);
+                    let text = self.caption_text(&so_far, &sp);
+                    on_token(t, &text);
+                })?
+            }
+        };
+        let text = self.caption_text(&ids, &sp);
+        Ok(Caption { text, ids, score })
+    }
+
+    /// open_clip's caption text: decode without SOT, EOT and padding, trimmed.
+    fn caption_text(&self, ids: &[u32], sp: &Specials) -> String {
+        let body: Vec<u32> = ids.iter().copied().skip_while(|&t| t == sp.sot).take_while(|&t| t != sp.eot).collect();
+        self.tokenizer.decode(&body).trim().to_string()
     }
 }

@@ -84,6 +84,16 @@ def build_model(args):
         source = {"model": name, "weights": pretrained}
         if os.path.isfile(pretrained):
             source["weights_sha256"] = sha256_of(pretrained)
+    eot_scale = getattr(args, "eot_scale", None)
+    if eot_scale is not None:
+        if not args.random_init:
+            raise SystemExit("error: --eot-scale is for random-init test bundles only")
+        # random decoders almost never emit EOT, which leaves beam search's finishing path
+        # untested; scaling EOT's output column makes it win at some steps
+        with torch.no_grad():
+            model.text_decoder.text_projection[:, 49407] *= eot_scale
+        source["eot_scale"] = eot_scale
+        log(f"test bundle: EOT logit column scaled by {eot_scale}")
     model.eval()
     for pname, p in model.named_parameters():
         if not torch.isfinite(p).all():
@@ -152,6 +162,108 @@ class TextEncoder(torch.nn.Module):
         return self.model.encode_text(text, normalize=True)
 
 
+def _proj(attn, x, which):
+    """q (0), k (1) or v (2) projection of an nn.MultiheadAttention with packed weights."""
+    d = attn.embed_dim
+    w = attn.in_proj_weight[which * d:(which + 1) * d]
+    b = attn.in_proj_bias[which * d:(which + 1) * d] if attn.in_proj_bias is not None else None
+    return F.linear(x, w, b)
+
+
+def _heads(x, n_heads):
+    """[B, T, D] -> [B, H, T, D/H]"""
+    return x.reshape(x.shape[0], x.shape[1], n_heads, x.shape[2] // n_heads).transpose(1, 2)
+
+
+def _attend(attn, q, k, v, mask):
+    """softmax(q k^T / sqrt(hd) + mask) v, heads merged, output projection."""
+    hd = q.shape[-1]
+    s = torch.matmul(q, k.transpose(-1, -2)) * (hd ** -0.5)
+    if mask is not None:
+        s = s + mask
+    o = torch.matmul(s.softmax(dim=-1), v)
+    o = o.transpose(1, 2)
+    o = o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])
+    return attn.out_proj(o)
+
+
+class CrossKV(torch.nn.Module):
+    """Captioning tokens [1,N,D] -> keys/values of every multimodal cross-attention layer,
+    [layers, 2, 1, heads, N, head_dim]: ln_1_kv then the k/v projections. Once per image."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.dec = model.text_decoder
+
+    def forward(self, tokens):
+        out = []
+        for blk in self.dec.cross_attn:
+            h = blk.attn.num_heads
+            kv = blk.ln_1_kv(tokens)
+            out.append(torch.stack([_heads(_proj(blk.attn, kv, 1), h), _heads(_proj(blk.attn, kv, 2), h)]))
+        return torch.stack(out)
+
+
+class DecoderStep(torch.nn.Module):
+    """One KV-cached step of CoCa's captioning path, written over open_clip's own modules.
+
+    ids [B,S] (new tokens), key_mask [B,P+S] (additive, 0 or -inf: open_clip's legacy pad mask
+    of the unimodal tower, key j masked when token j-1 is the pad id 0), self_kv
+    [Lt+Lm, 2, B, H, P, hd] (self-attention caches: unimodal text layers, then multimodal
+    layers), cross_kv [Lm, 2, 1, H, N, hd] (from cross_kv, shared by the B beams of one image)
+    -> logits [B, V] of the last new position, self_kv_out [Lt+Lm, 2, B, H, P+S, hd].
+    Positions are P + arange(S); the CLS token of the unimodal tower is not part of decoding
+    (it is appended after the text and the mask is causal, so it never affects the tokens)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.text = model.text
+        self.dec = model.text_decoder
+
+    def forward(self, ids, key_mask, self_kv, cross_kv):
+        past = self_kv.shape[4]
+        pos = torch.arange(ids.shape[1]) + past
+        x = self.text.token_embedding(ids) + self.text.positional_embedding[pos]
+        kpos = torch.arange(key_mask.shape[1])
+        causal = torch.zeros(pos.shape[0], kpos.shape[0]).masked_fill(kpos[None, :] > pos[:, None], float("-inf"))
+        uni_mask = causal[None, None] + key_mask[:, None, None, :]
+        dec_mask = causal[None, None]
+        new_kv = []
+        layer = 0
+        for blk in self.text.transformer.resblocks:
+            x, kv = self._self_block(blk, x, self_kv[layer], uni_mask)
+            new_kv.append(kv)
+            layer += 1
+        for blk, cblk in zip(self.dec.resblocks, self.dec.cross_attn):
+            x, kv = self._self_block(blk, x, self_kv[layer], dec_mask)
+            new_kv.append(kv)
+            m = layer - len(self.text.transformer.resblocks)
+            q = _heads(_proj(cblk.attn, cblk.ln_1(x), 0), cblk.attn.num_heads)
+            x = x + cblk.ls_1(_attend(cblk.attn, q, cross_kv[m, 0], cross_kv[m, 1], None))
+            x = x + cblk.ls_2(cblk.mlp(cblk.ln_2(x)))
+            layer += 1
+        last = x[:, -1]
+        logits = self.dec.ln_final(last) @ self.dec.text_projection
+        return logits, torch.stack(new_kv)
+
+    @staticmethod
+    def _self_block(blk, x, cache, mask):
+        h = blk.attn.num_heads
+        y = blk.ln_1(x)
+        q = _heads(_proj(blk.attn, y, 0), h)
+        k = torch.cat([cache[0], _heads(_proj(blk.attn, y, 1), h)], dim=2)
+        v = torch.cat([cache[1], _heads(_proj(blk.attn, y, 2), h)], dim=2)
+        x = x + blk.ls_1(_attend(blk.attn, q, k, v, mask))
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return x, torch.stack([k, v])
+
+
+def legacy_key_mask(ids_full, pad_id):
+    """open_clip's legacy CoCa pad mask for keys 0..T-1 of a token sequence [B,T] (additive)."""
+    valid = torch.cat([torch.ones_like(ids_full[:, :1], dtype=torch.bool), ids_full[:, :-1] != pad_id], dim=1)
+    return torch.zeros(valid.shape).masked_fill(~valid, float("-inf"))
+
+
 def _pooler_forward_batch_dependent(self, x):
     # Same math as AttentionalPooler.forward, but the query is made to depend on the input
     # (adding a zero derived from x), so a symbolic batch dimension flows through the graph:
@@ -204,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", help="state_dict / checkpoint file (with --config)")
     ap.add_argument("--random-init", action="store_true", help="no weights: deterministic random init")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eot-scale", type=float, default=None,
+                    help="random-init test bundles: scale the decoder's EOT output column so captions end")
     ap.add_argument("--out", required=True, help="bundle folder to write")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
@@ -249,6 +363,44 @@ def main(argv=None):
                  {"text": {0: "batch"}, "embedding": {0: "batch"}}, args.opset)
     check_onnx(txt_path)
 
+    # ---- captioning graphs: cross K/V once per image, one KV-cached decoder step
+    text_blocks = list(model.text.transformer.resblocks)
+    dec_blocks = list(model.text_decoder.resblocks)
+    heads = {b.attn.num_heads for b in text_blocks + dec_blocks + list(model.text_decoder.cross_attn)}
+    if len(heads) != 1:
+        raise SystemExit(f"error: text and multimodal heads differ ({sorted(heads)}): unsupported")
+    n_heads = heads.pop()
+    head_dim = embed_dim // n_heads
+    n_self, n_cross = len(text_blocks) + len(dec_blocks), len(dec_blocks)
+    vocab_out = int(model.text_decoder.text_projection.shape[1])
+    pad_id = int(getattr(model, "pad_id", 0))
+    pad_mask = ("correct" if getattr(model.text, "correct_cls_mask", False) else "legacy") \
+        if (model.text.cls_emb is not None or getattr(model.text, "use_pad_mask", False)) else "none"
+    if pad_mask == "correct":
+        raise SystemExit("error: correct_cls_mask CoCa text towers are not supported yet")
+    cross = CrossKV(model).eval()
+    step = DecoderStep(model).eval()
+    ck_path = os.path.join(out, "cross_kv.onnx")
+    step_path = os.path.join(out, "decoder_step.onnx")
+    with torch.no_grad():
+        _, ex_tokens = enc(example[:1])
+    log("exporting cross_kv ...")
+    export_graph(cross, (ex_tokens,), ck_path, ["tokens"], ["cross_kv"], None, args.opset)
+    check_onnx(ck_path)
+    ex_cross = cross(ex_tokens)
+    g = torch.Generator().manual_seed(3)
+    ex_b, ex_s, ex_p = 2, 3, 5
+    ex_ids = torch.randint(1, 49406, (ex_b, ex_s), generator=g)
+    ex_mask = torch.zeros(ex_b, ex_p + ex_s)
+    ex_kv = torch.randn(n_self, 2, ex_b, n_heads, ex_p, head_dim, generator=g)
+    log("exporting decoder_step ...")
+    export_graph(step, (ex_ids, ex_mask, ex_kv, ex_cross), step_path, ["ids", "key_mask", "self_kv", "cross_kv"],
+                 ["logits", "self_kv_out"],
+                 {"ids": {0: "batch", 1: "step"}, "key_mask": {0: "batch", 1: "total"},
+                  "self_kv": {2: "batch", 4: "past"}, "logits": {0: "batch"},
+                  "self_kv_out": {2: "batch", 4: "total"}}, args.opset)
+    check_onnx(step_path)
+
     # ---- verify the graphs against PyTorch with onnxruntime
     verify = {}
     if not args.no_verify:
@@ -261,6 +413,26 @@ def main(argv=None):
         ref = model.encode_text(t, normalize=True)
         (got,) = ort_run(txt_path, {"text": t.numpy()})
         verify["text_embedding_max_abs"] = float(np.abs(got - ref.numpy()).max())
+        # the cached step against open_clip's own full forward (teacher forcing), with a pad
+        # id 0 inside the text so the legacy pad mask is exercised
+        x1 = x[:1]
+        lat, embs = model._encode_image(x1)
+        seq = torch.tensor([[tokenizer.sot_token_id, 320, 1929, 0, 539, 320, 2533, 269]])
+        full = model(x1, seq, image_latent=lat, image_embs=embs, output_labels=False)["logits"][:, -1]
+        ckv = cross(embs)
+        kv = torch.zeros(n_self, 2, 1, n_heads, 0, head_dim)
+        for a, b in ((0, 3), (3, 4), (4, 5), (5, 8)):
+            logits, kv = step(seq[:, a:b], legacy_key_mask(seq[:, :b], pad_id), kv, ckv)
+        verify["step_vs_full_forward_max_abs"] = float((logits - full).abs().max())
+        # the exported graphs against the modules
+        (got_ck,) = ort_run(ck_path, {"tokens": embs.numpy()})
+        verify["cross_kv_max_abs"] = float(np.abs(got_ck - ckv.numpy()).max())
+        kv_p = kv[:, :, :, :, :5]
+        ref_l, ref_kv = step(seq[:, 5:8], legacy_key_mask(seq, pad_id), kv_p, ckv)
+        got_l, got_kv = ort_run(step_path, {"ids": seq[:, 5:8].numpy(), "key_mask": legacy_key_mask(seq, pad_id).numpy(),
+                                            "self_kv": kv_p.numpy(), "cross_kv": ckv.numpy()})
+        verify["decoder_step_logits_max_abs"] = float(np.abs(got_l - ref_l.numpy()).max())
+        verify["decoder_step_kv_max_abs"] = float(np.abs(got_kv - ref_kv.numpy()).max())
         log("onnxruntime vs PyTorch: " + ", ".join(f"{k} {v:.2e}" for k, v in verify.items()))
         if max(verify.values()) > 1e-4:
             raise SystemExit("error: exported graphs differ from PyTorch by more than 1e-4")
@@ -271,7 +443,7 @@ def main(argv=None):
 
     # ---- manifest
     files = {}
-    for fname in ("image_encoder.onnx", "text_encoder.onnx", VOCAB_NAME):
+    for fname in ("image_encoder.onnx", "text_encoder.onnx", "cross_kv.onnx", "decoder_step.onnx", VOCAB_NAME):
         p = os.path.join(out, fname)
         files[fname] = {"sha256": sha256_of(p), "size": os.path.getsize(p)}
     mean = [float(v) for v in pp["mean"]]
@@ -302,6 +474,16 @@ def main(argv=None):
             "eot": int(tokenizer.eot_token_id),
             "pad": int(getattr(model, "pad_id", 0)),
             "clean": "lower",
+            "pad_mask": pad_mask,
+        },
+        "decoder": {
+            "self_layers": n_self,
+            "text_layers": len(text_blocks),
+            "cross_layers": n_cross,
+            "heads": n_heads,
+            "head_dim": head_dim,
+            "vocab_size": vocab_out,
+            "max_positions": int(model.text.positional_embedding.shape[0]),
         },
         "dims": {
             "embed_dim": int(embed_dim),
@@ -320,6 +502,20 @@ def main(argv=None):
                 "precisions": {"f32": "text_encoder.onnx"},
                 "inputs": [io_spec("text", "i64", ["batch", int(ctx)])],
                 "outputs": [io_spec("embedding", "f32", ["batch", embed_dim])],
+            },
+            "cross_kv": {
+                "precisions": {"f32": "cross_kv.onnx"},
+                "inputs": [io_spec("tokens", "f32", [1, n_queries - 1, embed_dim])],
+                "outputs": [io_spec("cross_kv", "f32", [n_cross, 2, 1, n_heads, n_queries - 1, head_dim])],
+            },
+            "decoder_step": {
+                "precisions": {"f32": "decoder_step.onnx"},
+                "inputs": [io_spec("ids", "i64", ["batch", "step"]),
+                           io_spec("key_mask", "f32", ["batch", "past+step"]),
+                           io_spec("self_kv", "f32", [n_self, 2, "batch", n_heads, "past", head_dim]),
+                           io_spec("cross_kv", "f32", [n_cross, 2, 1, n_heads, n_queries - 1, head_dim])],
+                "outputs": [io_spec("logits", "f32", ["batch", vocab_out]),
+                            io_spec("self_kv_out", "f32", [n_self, 2, "batch", n_heads, "past+step", head_dim])],
             },
         },
         "verify": verify,

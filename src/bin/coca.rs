@@ -47,6 +47,100 @@ enum Cmd {
     Info(InfoArgs),
     /// Time the image path on this machine: medians after warm-up
     Bench(BenchArgs),
+    /// Caption images (open_clip generate() semantics; default: beam search, 6 beams, 3 groups)
+    Caption(CaptionArgs),
+    /// Labels and a caption from one encoder pass, with per-stage timings
+    Describe(DescribeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct CaptionOpts {
+    /// Search: greedy, beam, top-k or top-p
+    #[arg(long, default_value = "beam", value_parser = ["greedy", "beam", "top-k", "top-p"])]
+    sampling: String,
+    /// Beams (beam search)
+    #[arg(long, default_value_t = 6)]
+    beams: usize,
+    /// Beam groups, searched one after the other (beam search)
+    #[arg(long, default_value_t = 3)]
+    beam_groups: usize,
+    /// Longest sequence, start token included (open_clip's seq_len)
+    #[arg(long, default_value_t = 30)]
+    max_tokens: usize,
+    /// EOT forbidden before this length (open_clip's min_seq_len)
+    #[arg(long, default_value_t = 5)]
+    min_tokens: usize,
+    /// k for --sampling top-k
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// p for --sampling top-p
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Sampling temperature
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Repetition penalty (1 = none)
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed for sampling
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl CaptionOpts {
+    fn to_options(&self) -> coca_edge::caption::CaptionOptions {
+        use coca_edge::caption::{CaptionOptions, Search};
+        let search = match self.sampling.as_str() {
+            "greedy" => Search::Greedy,
+            "top-k" => Search::TopK { k: self.top_k },
+            "top-p" => Search::TopP { p: self.top_p },
+            _ => Search::Beam { beams: self.beams, groups: self.beam_groups },
+        };
+        CaptionOptions {
+            search,
+            max_tokens: self.max_tokens,
+            min_tokens: self.min_tokens,
+            temperature: self.temperature,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct CaptionArgs {
+    /// Image files
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    opts: CaptionOpts,
+    /// JSON lines output: {"image", "caption", "ids", "score"}
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DescribeArgs {
+    /// Image files
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    /// Comma-separated labels
+    #[arg(long, value_name = "A,B,C", required_unless_present = "labels_file", conflicts_with = "labels_file")]
+    labels: Option<String>,
+    /// UTF-8 file with one label per line
+    #[arg(long, value_name = "FILE")]
+    labels_file: Option<PathBuf>,
+    /// Prompt templates file (default: open_clip's 80 ImageNet templates)
+    #[arg(long, value_name = "FILE")]
+    templates: Option<PathBuf>,
+    /// Labels to show
+    #[arg(long = "top", default_value_t = 3, value_name = "N")]
+    top: usize,
+    #[command(flatten)]
+    opts: CaptionOpts,
+    /// JSON lines output
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -198,6 +292,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Embed(a) => embed_cmd(&cli.global, a),
         Cmd::Info(a) => info_cmd(&cli.global, a),
         Cmd::Bench(a) => bench_cmd(&cli.global, a),
+        Cmd::Caption(a) => caption_cmd(&cli.global, a),
+        Cmd::Describe(a) => describe_cmd(&cli.global, a),
     }
 }
 
@@ -402,4 +498,84 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
             r["decode_ms_median"].as_f64().unwrap_or(0.0), r["preprocess_ms_median"].as_f64().unwrap_or(0.0), r["encoder_ms_median"].as_f64().unwrap_or(0.0))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn caption_cmd(g: &Global, a: CaptionArgs) -> Result<ExitCode> {
+    let opts = a.opts.to_options();
+    let p = open_pipeline(g, false)?;
+    let decoder = p.decoder()?;
+    opts.validate(decoder.dims().max_positions)?;
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for path in &a.images {
+        let feats = match p.embed_path(path) {
+            Ok(f) => f,
+            Err(e) => {
+                image_error(&mut failed, e);
+                continue;
+            }
+        };
+        let c = p.caption(&feats, &opts, |_, _| {})?;
+        if a.json {
+            writeln!(out, "{}", serde_json::json!({"image": path.display().to_string(), "caption": c.text, "ids": c.ids, "score": c.score}))?;
+        } else {
+            writeln!(out, "{}\t{}", path.display(), c.text)?;
+        }
+        out.flush()?;
+    }
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn describe_cmd(g: &Global, a: DescribeArgs) -> Result<ExitCode> {
+    let labels = match (&a.labels, &a.labels_file) {
+        (Some(list), _) => classify::parse_label_list(list)?,
+        (None, Some(f)) => classify::read_label_file(f)?,
+        (None, None) => anyhow::bail!("give --labels or --labels-file"),
+    };
+    let templates = match &a.templates {
+        Some(f) => Templates::from_file(f)?,
+        None => Templates::openai_imagenet(),
+    };
+    let opts = a.opts.to_options();
+    let p = open_pipeline(g, true)?;
+    opts.validate(p.decoder()?.dims().max_positions)?;
+    let set = p.label_set(&labels, &templates, |_, _| {})?;
+    let limits = p.options().limits;
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for path in &a.images {
+        let t0 = std::time::Instant::now();
+        let img = match coca_edge::vision::load_image(path, &limits) {
+            Ok(i) => i,
+            Err(e) => {
+                image_error(&mut failed, e);
+                continue;
+            }
+        };
+        let t1 = std::time::Instant::now();
+        let chw = p.preprocess(&img);
+        let t2 = std::time::Instant::now();
+        let feats = p.embed_preprocessed(&chw)?;
+        let t3 = std::time::Instant::now();
+        let scores = p.classify(&feats, &set, a.top)?;
+        let t4 = std::time::Instant::now();
+        let c = p.caption(&feats, &opts, |_, _| {})?;
+        let t5 = std::time::Instant::now();
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        let timings = serde_json::json!({"decode_ms": ms(t0, t1), "preprocess_ms": ms(t1, t2), "encoder_ms": ms(t2, t3),
+            "classify_ms": ms(t3, t4), "caption_ms": ms(t4, t5)});
+        if a.json {
+            writeln!(out, "{}", serde_json::json!({"image": path.display().to_string(), "top": scores, "caption": c.text, "ids": c.ids, "timings": timings}))?;
+        } else {
+            writeln!(out, "{}", path.display())?;
+            writeln!(out, "  caption: {}", c.text)?;
+            for s in &scores {
+                writeln!(out, "  {:.4}  {}", s.probability, s.label)?;
+            }
+            writeln!(out, "  timings: decode {:.1} ms, preprocess {:.1} ms, encoder {:.1} ms, classify {:.2} ms, caption {:.1} ms",
+                ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4), ms(t4, t5))?;
+        }
+        out.flush()?;
+    }
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }

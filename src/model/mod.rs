@@ -59,7 +59,6 @@ pub struct Graph {
     name: String,
     path: PathBuf,
     plan: Arc<TypedRunnableModel>,
-    batch: usize,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     load_time: std::time::Duration,
@@ -67,7 +66,7 @@ pub struct Graph {
 
 impl std::fmt::Debug for Graph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Graph").field("name", &self.name).field("path", &self.path).field("batch", &self.batch).finish()
+        f.debug_struct("Graph").field("name", &self.name).field("path", &self.path).finish()
     }
 }
 
@@ -90,9 +89,13 @@ fn concrete_shape(spec: &TensorSpec, batch: usize) -> Vec<usize> {
     spec.shape.iter().map(|d| match d { Dim::Fixed(n) => *n, Dim::Symbol(_) => batch }).collect()
 }
 
+/// How a graph's symbolic dims are fixed at load time: `Some(n)` fixes a symbol (e.g. "batch")
+/// to `n`, `None` keeps it symbolic (tract then plans for any size).
+pub type Binding<'a> = &'a dyn Fn(&str) -> Option<usize>;
+
 impl Graph {
-    /// Load graph `name` of `bundle` at `opts.precision`, fixed to `batch`.
-    pub fn load(bundle: &Bundle, name: &str, batch: usize, opts: &EngineOptions) -> Result<Graph> {
+    /// Load graph `name` of `bundle` at `opts.precision`, with symbols fixed by `bind`.
+    pub fn load(bundle: &Bundle, name: &str, bind: Binding, opts: &EngineOptions) -> Result<Graph> {
         let t0 = Instant::now();
         let spec: &GraphSpec = bundle.graph(name)?;
         let path = bundle.graph_file(name, &opts.precision)?;
@@ -125,6 +128,10 @@ impl Graph {
             return Err(mismatch(format!("outputs are {out_names:?}, manifest says {want_out:?}")));
         }
 
+        // the dims the manifest promises, with bound symbols resolved
+        let expected = |t: &TensorSpec| -> Vec<Option<usize>> {
+            t.shape.iter().map(|d| match d { Dim::Fixed(n) => Some(*n), Dim::Symbol(s) => bind(s) }).collect()
+        };
         // input facts: the declared dtype and rank must agree with the graph's own declaration
         for (ix, t) in spec.inputs.iter().enumerate() {
             let dt = datum_type(&t.dtype, &path)?;
@@ -153,7 +160,17 @@ impl Graph {
                     }
                 }
             }
-            let shape = concrete_shape(t, batch);
+            let mut shape: Vec<TDim> = Vec::with_capacity(t.shape.len());
+            for (d, e) in t.shape.iter().zip(expected(t)) {
+                shape.push(match (d, e) {
+                    (_, Some(n)) => n.to_dim(),
+                    (Dim::Symbol(s), None) => model
+                        .symbols
+                        .parse_tdim(s)
+                        .map_err(|e| mismatch(format!("input '{}': bad symbolic dim '{s}': {e}", t.name)))?,
+                    (Dim::Fixed(n), None) => n.to_dim(),
+                });
+            }
             model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape)).map_err(engine)?;
         }
 
@@ -161,11 +178,11 @@ impl Graph {
         // outputs: ranks and fixed sizes must agree with the manifest
         for (ix, t) in spec.outputs.iter().enumerate() {
             let fact = typed.output_fact(ix).map_err(engine)?;
-            let want = concrete_shape(t, batch);
+            let want = expected(t);
             let got: Vec<Option<usize>> = fact.shape.iter().map(|d| d.to_i64().ok().map(|v| v as usize)).collect();
-            let ok = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.map(|g| g == *w).unwrap_or(true));
+            let ok = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| matches!((g, w), (Some(g), Some(w)) if g == w) || w.is_none() || g.is_none());
             if !ok {
-                return Err(mismatch(format!("output '{}' has shape {:?}, manifest says {:?}", t.name, fact.shape, want)));
+                return Err(mismatch(format!("output '{}' has shape {:?}, manifest says {:?}", t.name, fact.shape, t.shape)));
             }
             let dt = datum_type(&t.dtype, &path)?;
             if fact.datum_type != dt {
@@ -175,15 +192,12 @@ impl Graph {
         let optimized = typed.into_optimized().map_err(engine)?;
         let plan = optimized.into_runnable_with_options(&opts.run_options()).map_err(engine)?;
         let load_time = t0.elapsed();
-        log::debug!("{name}: loaded {} (batch {batch}) in {:.2?}", path.display(), load_time);
-        Ok(Graph { name: name.to_string(), path, plan, batch, inputs: spec.inputs.clone(), outputs: spec.outputs.clone(), load_time })
+        log::debug!("{name}: loaded {} in {:.2?}", path.display(), load_time);
+        Ok(Graph { name: name.to_string(), path, plan, inputs: spec.inputs.clone(), outputs: spec.outputs.clone(), load_time })
     }
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-    pub fn batch(&self) -> usize {
-        self.batch
     }
     pub fn load_time(&self) -> std::time::Duration {
         self.load_time
@@ -220,7 +234,7 @@ pub struct ImageEncoder {
 impl ImageEncoder {
     pub fn load(bundle: &Bundle, opts: &EngineOptions) -> Result<ImageEncoder> {
         let m = bundle.manifest();
-        let graph = Graph::load(bundle, "image_encoder", 1, opts)?;
+        let graph = Graph::load(bundle, "image_encoder", &|s| (s == "batch").then_some(1), opts)?;
         let expect = |ix: usize, want: Vec<usize>| -> Result<()> {
             let got = concrete_shape(&graph.outputs[ix], 1);
             if got != want {
@@ -278,7 +292,7 @@ pub const TEXT_BATCH: usize = 8;
 impl TextEncoder {
     pub fn load(bundle: &Bundle, opts: &EngineOptions) -> Result<TextEncoder> {
         let m = bundle.manifest();
-        let graph = Graph::load(bundle, "text_encoder", TEXT_BATCH, opts)?;
+        let graph = Graph::load(bundle, "text_encoder", &|s| (s == "batch").then_some(TEXT_BATCH), opts)?;
         if graph.inputs.len() != 1 || graph.outputs.len() != 1 {
             return Err(Error::GraphMismatch { path: graph.path.clone(), message: "text_encoder needs 1 input and 1 output".into() });
         }
@@ -303,7 +317,7 @@ impl TextEncoder {
             return Err(Error::InvalidArgument(format!("{} token ids is not a multiple of the context length {ctx}", ids.len())));
         }
         let n = ids.len() / ctx;
-        let b = self.graph.batch;
+        let b = TEXT_BATCH;
         let mut out = Vec::with_capacity(n * self.embed_dim);
         let mut chunk = vec![0i64; b * ctx];
         for start in (0..n).step_by(b) {
@@ -321,6 +335,141 @@ impl TextEncoder {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+}
+
+/// Cross-attention keys/values of one image, `[layers, 2, 1, heads, tokens, head_dim]`, shared
+/// by every decoding step and every beam (an `Arc`, never copied).
+#[derive(Debug, Clone)]
+pub struct CrossKv(TValue);
+
+/// The self-attention KV cache of a decoding run: `[layers, 2, batch, heads, past, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    kv: TValue,
+    batch: usize,
+    past: usize,
+}
+
+impl KvCache {
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Tokens already in the cache.
+    pub fn past(&self) -> usize {
+        self.past
+    }
+}
+
+/// The captioning graphs: `cross_kv` (once per image) and `decoder_step` (KV-cached step with
+/// symbolic batch, step and past lengths).
+#[derive(Debug)]
+pub struct Decoder {
+    cross: Graph,
+    step: Graph,
+    dims: crate::bundle::DecoderDims,
+    n_tokens: usize,
+    token_dim: usize,
+}
+
+impl Decoder {
+    pub fn load(bundle: &Bundle, opts: &EngineOptions) -> Result<Decoder> {
+        let m = bundle.manifest();
+        let missing = |what: &str| Error::Manifest {
+            path: bundle.dir().join(crate::bundle::MANIFEST),
+            message: format!("bundle has no {what}: it cannot caption (re-export it with models/export/export.py)"),
+        };
+        let dims = m.decoder.clone().ok_or_else(|| missing("'decoder' section"))?;
+        for g in ["cross_kv", "decoder_step"] {
+            if !m.graphs.contains_key(g) {
+                return Err(missing(&format!("'{g}' graph")));
+            }
+        }
+        let cross = Graph::load(bundle, "cross_kv", &|_| None, opts)?;
+        let step = Graph::load(bundle, "decoder_step", &|_| None, opts)?;
+        Ok(Decoder { cross, step, dims, n_tokens: m.dims.caption_tokens, token_dim: m.dims.token_dim })
+    }
+
+    pub fn dims(&self) -> &crate::bundle::DecoderDims {
+        &self.dims
+    }
+
+    /// Bytes of KV cache one beam needs per token (self-attention layers, keys and values).
+    pub fn cache_bytes_per_token(&self) -> usize {
+        self.dims.self_layers * 2 * self.dims.heads * self.dims.head_dim * 4
+    }
+
+    /// Cross-attention keys/values from an image's captioning tokens (`tokens x token_dim`).
+    pub fn cross_kv(&self, tokens: &[f32]) -> Result<CrossKv> {
+        if tokens.len() != self.n_tokens * self.token_dim {
+            return Err(Error::InvalidArgument(format!("{} captioning token values, expected {}x{}", tokens.len(), self.n_tokens, self.token_dim)));
+        }
+        let t = Tensor::from_shape(&[1, self.n_tokens, self.token_dim], tokens).map_err(|e| Error::engine("tokens tensor", e))?;
+        let mut out = self.cross.run(tvec!(t.into_tvalue()))?;
+        Ok(CrossKv(out.remove(0)))
+    }
+
+    /// An empty cache for `batch` sequences.
+    pub fn empty_cache(&self, batch: usize) -> KvCache {
+        let d = &self.dims;
+        let t = Tensor::zero::<f32>(&[d.self_layers, 2, batch, d.heads, 0, d.head_dim]).expect("empty tensor");
+        KvCache { kv: t.into_tvalue(), batch, past: 0 }
+    }
+
+    /// Feed `step` new tokens per sequence (`ids`: batch x step, row-major) with the additive key
+    /// mask over all `past + step` positions (batch rows). Returns the logits of each sequence's
+    /// last new position (batch x vocab) and grows the cache.
+    pub fn step(&self, cache: &mut KvCache, ids: &[i64], step: usize, key_mask: &[f32], cross: &CrossKv) -> Result<Vec<f32>> {
+        let b = cache.batch;
+        let total = cache.past + step;
+        if step == 0 || ids.len() != b * step || key_mask.len() != b * total {
+            return Err(Error::InvalidArgument(format!(
+                "decoder step: {} ids and {} mask values for batch {b}, step {step}, past {}",
+                ids.len(),
+                key_mask.len(),
+                cache.past
+            )));
+        }
+        if total > self.dims.max_positions {
+            return Err(Error::InvalidArgument(format!("sequence of {total} tokens is over the decoder's {} positions", self.dims.max_positions)));
+        }
+        let ids = Tensor::from_shape(&[b, step], ids).map_err(|e| Error::engine("ids tensor", e))?;
+        let mask = Tensor::from_shape(&[b, total], key_mask).map_err(|e| Error::engine("mask tensor", e))?;
+        let mut out = self.step.run(tvec!(ids.into_tvalue(), mask.into_tvalue(), cache.kv.clone(), cross.0.clone()))?;
+        let kv = out.remove(1);
+        let logits = f32_output(&out[0], "decoder_step logits")?.to_vec();
+        cache.kv = kv;
+        cache.past = total;
+        Ok(logits)
+    }
+
+    /// Reorder the cache's sequences: new sequence `i` is old sequence `order[i]` (beam search).
+    pub fn reorder(&self, cache: &mut KvCache, order: &[usize]) -> Result<()> {
+        let b = cache.batch;
+        if order.len() != b || order.iter().any(|&o| o >= b) {
+            return Err(Error::InvalidArgument(format!("beam order {order:?} for batch {b}")));
+        }
+        if order.iter().enumerate().all(|(i, &o)| i == o) || cache.past == 0 {
+            return Ok(());
+        }
+        let d = &self.dims;
+        let old = f32_output(&cache.kv, "kv cache")?;
+        let block = d.heads * cache.past * d.head_dim;
+        let mut new = vec![0f32; old.len()];
+        for lc in 0..d.self_layers * 2 {
+            for (i, &o) in order.iter().enumerate() {
+                let dst = (lc * b + i) * block;
+                let src = (lc * b + o) * block;
+                new[dst..dst + block].copy_from_slice(&old[src..src + block]);
+            }
+        }
+        let t = Tensor::from_shape(&[d.self_layers, 2, b, d.heads, cache.past, d.head_dim], &new).map_err(|e| Error::engine("kv cache", e))?;
+        cache.kv = t.into_tvalue();
+        Ok(())
+    }
+
+    pub fn step_graph(&self) -> &Graph {
+        &self.step
     }
 }
 
