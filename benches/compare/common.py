@@ -16,7 +16,7 @@ def ensure_bundle(model, seed, out):
     if os.path.exists(manifest):
         with open(manifest) as f:
             m = json.load(f)
-        if m["source"].get("model") == model and m["source"].get("seed") == seed:
+        if m["source"].get("model") == model and m["source"].get("seed") == seed and "decoder_step" in m["graphs"]:
             return m
     cmd = [sys.executable, os.path.join(ROOT, "models", "export", "export.py"), "--model", model,
            "--random-init", "--seed", str(seed), "--out", out, "--force"]

@@ -157,6 +157,19 @@ struct BenchArgs {
     /// JSON output
     #[arg(long)]
     json: bool,
+    /// Also time captioning: decoder step latency by past length (batch 1 and --beams) and
+    /// whole greedy and beam-search captions of --caption-len tokens
+    #[arg(long)]
+    caption: bool,
+    /// Sequence length for the caption timings (open_clip seq_len, start token included)
+    #[arg(long, default_value_t = 21)]
+    caption_len: usize,
+    /// Beams for the caption timings
+    #[arg(long, default_value_t = 6)]
+    beams: usize,
+    /// Decoder steps timed for the step-latency table (past 0 .. N-1)
+    #[arg(long, default_value_t = 30)]
+    step_len: usize,
 }
 
 #[derive(Args, Debug)]
@@ -412,6 +425,11 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         "precision": opts.precision,
         "threads": opts.effective_threads(),
         "image_encoder_load_s": p.image_encoder().graph().load_time().as_secs_f64(),
+        "captioning": m.decoder.as_ref().map(|d| serde_json::json!({
+            "self_layers": d.self_layers, "cross_layers": d.cross_layers, "heads": d.heads, "head_dim": d.head_dim,
+            "max_positions": d.max_positions,
+            "kv_cache_bytes_per_beam_token": d.self_layers * 2 * d.heads * d.head_dim * 4,
+        })),
         "cpu": std::env::consts::ARCH,
         "cpu_features": model::cpu_features(),
         "coca_edge_version": env!("CARGO_PKG_VERSION"),
@@ -429,6 +447,17 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         writeln!(out, "threads       {}", opts.effective_threads())?;
         writeln!(out, "cpu           {} [{}]", std::env::consts::ARCH, model::cpu_features().join(" "))?;
         writeln!(out, "load          image_encoder {:.2?}", p.image_encoder().graph().load_time())?;
+        match &m.decoder {
+            Some(d) => writeln!(
+                out,
+                "captioning    {} self-attention + {} cross-attention layers, KV cache {} bytes per beam per token ({:.1} MB for 6 beams x 30 tokens)",
+                d.self_layers,
+                d.cross_layers,
+                d.self_layers * 2 * d.heads * d.head_dim * 4,
+                (d.self_layers * 2 * d.heads * d.head_dim * 4 * 6 * 30) as f64 / 1e6
+            )?,
+            None => writeln!(out, "captioning    not in this bundle (no decoder graphs)")?,
+        }
         for (name, gs) in &m.graphs {
             let precs: Vec<String> = gs
                 .precisions
@@ -478,7 +507,9 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
         }
     }
     let all = enc.clone();
+    let caption = if a.caption { Some(bench_caption(&p, &bytes, &name, &a)?) } else { None };
     let r = serde_json::json!({
+        "caption": caption,
         "model": p.bundle().manifest().name,
         "threads": opts.effective_threads(),
         "runs": a.runs,
@@ -578,4 +609,49 @@ fn describe_cmd(g: &Global, a: DescribeArgs) -> Result<ExitCode> {
         out.flush()?;
     }
     Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+/// Decoder timings: per-step latency by past length at batch 1 and `beams`, whole captions.
+fn bench_caption(p: &Pipeline, bytes: &[u8], name: &str, a: &BenchArgs) -> Result<serde_json::Value> {
+    use coca_edge::caption::{CaptionOptions, Search};
+    let img = coca_edge::vision::decode_image(bytes, name, &p.options().limits)?;
+    let feats = p.embed_image(&img)?;
+    let dec = p.decoder()?;
+    let steps = a.step_len.clamp(1, dec.dims().max_positions);
+    let sot = p.bundle().manifest().text.sot as i64;
+    let mut step_ms = serde_json::Map::new();
+    for b in [1, a.beams] {
+        let mut per_past: Vec<Vec<f64>> = vec![Vec::new(); steps];
+        for rep in 0..a.warmup + a.runs {
+            let cross = dec.cross_kv(&feats.tokens)?;
+            let mut cache = dec.empty_cache(b);
+            for (past, slot) in per_past.iter_mut().enumerate() {
+                let ids = vec![sot; b];
+                let mask = vec![0f32; b * (past + 1)];
+                let t = std::time::Instant::now();
+                dec.step(&mut cache, &ids, 1, &mask, &cross)?;
+                if rep >= a.warmup {
+                    slot.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let medians: Vec<f64> = per_past.iter_mut().map(|v| median_ms(v)).collect();
+        step_ms.insert(format!("batch{b}"), serde_json::json!(medians));
+    }
+    let runs = a.runs.clamp(1, 5);
+    let mut whole = serde_json::Map::new();
+    for (label, search) in [("greedy", Search::Greedy), ("beam", Search::Beam { beams: a.beams, groups: if a.beams % 3 == 0 { 3 } else { 1 } })] {
+        let opts = CaptionOptions { search, max_tokens: a.caption_len, ..Default::default() };
+        let mut ts = Vec::new();
+        let mut tokens = 0;
+        for _ in 0..runs + 1 {
+            let t = std::time::Instant::now();
+            let c = p.caption(&feats, &opts, |_, _| {})?;
+            ts.push(t.elapsed().as_secs_f64() * 1e3);
+            tokens = c.ids.len();
+        }
+        ts.remove(0); // first run loads nothing more but warms caches
+        whole.insert(label.to_string(), serde_json::json!({"ms_median": median_ms(&mut ts), "sequence_len": tokens}));
+    }
+    Ok(serde_json::json!({"step_ms_by_past": step_ms, "whole_caption": whole, "cache_bytes_per_beam_token": dec.cache_bytes_per_token()}))
 }

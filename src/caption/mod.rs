@@ -157,6 +157,15 @@ pub struct DecoderRun<'a> {
 
 impl Stepper for DecoderRun<'_> {
     fn step(&mut self, new_ids: &[i64], key_mask: &[f32]) -> Result<Vec<f32>> {
+        let b = self.cache.batch();
+        // beams that all start from the same prompt: run it once and repeat the result
+        if b > 1 && self.cache.past() == 0 && new_ids.iter().all(|&t| t == new_ids[0]) {
+            let mut one = self.decoder.empty_cache(1);
+            let logits = self.decoder.step(&mut one, &new_ids[..1], 1, &key_mask[..1], &self.cross)?;
+            self.decoder.tile(&mut one, b)?;
+            self.cache = one;
+            return Ok(logits.repeat(b));
+        }
         self.decoder.step(&mut self.cache, new_ids, 1, key_mask, &self.cross)
     }
     fn reorder(&mut self, order: &[usize]) -> Result<()> {

@@ -443,6 +443,26 @@ impl Decoder {
         Ok(logits)
     }
 
+    /// Repeat a batch-1 cache `batch` times (beams that share their prompt run it once).
+    pub fn tile(&self, cache: &mut KvCache, batch: usize) -> Result<()> {
+        if cache.batch != 1 {
+            return Err(Error::InvalidArgument(format!("tile needs a batch-1 cache, got batch {}", cache.batch)));
+        }
+        let d = &self.dims;
+        let old = f32_output(&cache.kv, "kv cache")?;
+        let block = d.heads * cache.past * d.head_dim;
+        let mut new = Vec::with_capacity(old.len() * batch);
+        for lc in old.chunks(block.max(1)).take(d.self_layers * 2) {
+            for _ in 0..batch {
+                new.extend_from_slice(lc);
+            }
+        }
+        let t = Tensor::from_shape(&[d.self_layers, 2, batch, d.heads, cache.past, d.head_dim], &new).map_err(|e| Error::engine("kv cache", e))?;
+        cache.kv = t.into_tvalue();
+        cache.batch = batch;
+        Ok(())
+    }
+
     /// Reorder the cache's sequences: new sequence `i` is old sequence `order[i]` (beam search).
     pub fn reorder(&self, cache: &mut KvCache, order: &[usize]) -> Result<()> {
         let b = cache.batch;
