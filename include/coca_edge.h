@@ -21,6 +21,17 @@
 #include <stdlib.h>
 
 /*
+ Search strategies of `CocaCaptionOptions.search`.
+ */
+#define COCA_SEARCH_GREEDY 0
+
+#define COCA_SEARCH_BEAM 1
+
+#define COCA_SEARCH_TOP_K 2
+
+#define COCA_SEARCH_TOP_P 3
+
+/*
  Log levels passed to the log callback.
  */
 #define COCA_LOG_ERROR 1
@@ -167,6 +178,36 @@ typedef struct CocaLabelScore {
   float cosine;
 } CocaLabelScore;
 
+/*
+ Caption settings for `coca_model_caption`. Initialise with `coca_caption_options_default`
+ (open_clip generate()'s defaults: beam search, 6 beams, 3 groups, 30 tokens, min 5).
+ */
+typedef struct CocaCaptionOptions {
+  /*
+   `sizeof(CocaCaptionOptions)`, set by `coca_caption_options_default`
+   */
+  uint32_t struct_size;
+  /*
+   one of `COCA_SEARCH_*`
+   */
+  int32_t search;
+  uint32_t beams;
+  uint32_t beam_groups;
+  /*
+   longest sequence, start token included (open_clip's seq_len)
+   */
+  uint32_t max_tokens;
+  /*
+   EOT forbidden before this length (open_clip's min_seq_len)
+   */
+  uint32_t min_tokens;
+  uint32_t top_k;
+  float top_p;
+  float temperature;
+  float repetition_penalty;
+  uint64_t seed;
+} CocaCaptionOptions;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -269,6 +310,24 @@ enum CocaStatus coca_result_labels(const struct CocaResult *result,
                                    struct CocaLabelScore *out,
                                    size_t cap,
                                    size_t *written);
+
+/*
+ Fill `out` with open_clip generate()'s defaults.
+ */
+enum CocaStatus coca_caption_options_default(struct CocaCaptionOptions *out);
+
+/*
+ Caption the frame of `result` (from the same encoder pass; `options` null for the defaults)
+ and copy the NUL-terminated UTF-8 text into `buf` (`cap` bytes). `*needed` (may be null)
+ receives the bytes the text needs with its NUL; if `cap` is smaller nothing is written and
+ `COCA_STATUS_BUFFER_TOO_SMALL` is returned. Needs a bundle with decoder graphs.
+ */
+enum CocaStatus coca_model_caption(struct CocaModel *model,
+                                   const struct CocaResult *result,
+                                   const struct CocaCaptionOptions *options,
+                                   char *buf,
+                                   size_t cap,
+                                   size_t *needed);
 
 /*
  Free a result and set `*result` to null. Null and `*result == NULL` are accepted.

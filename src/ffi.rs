@@ -88,6 +88,34 @@ pub struct CocaOptions {
     pub label_cache: u32,
 }
 
+/// Search strategies of `CocaCaptionOptions.search`.
+pub const COCA_SEARCH_GREEDY: i32 = 0;
+pub const COCA_SEARCH_BEAM: i32 = 1;
+pub const COCA_SEARCH_TOP_K: i32 = 2;
+pub const COCA_SEARCH_TOP_P: i32 = 3;
+
+/// Caption settings for `coca_model_caption`. Initialise with `coca_caption_options_default`
+/// (open_clip generate()'s defaults: beam search, 6 beams, 3 groups, 30 tokens, min 5).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CocaCaptionOptions {
+    /// `sizeof(CocaCaptionOptions)`, set by `coca_caption_options_default`
+    pub struct_size: u32,
+    /// one of `COCA_SEARCH_*`
+    pub search: i32,
+    pub beams: u32,
+    pub beam_groups: u32,
+    /// longest sequence, start token included (open_clip's seq_len)
+    pub max_tokens: u32,
+    /// EOT forbidden before this length (open_clip's min_seq_len)
+    pub min_tokens: u32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub temperature: f32,
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
 /// One scored label of a result. `label` is borrowed from the result: valid until
 /// `coca_result_free`.
 #[repr(C)]
@@ -127,6 +155,8 @@ struct ModelInner {
 /// The output of one processed frame.
 pub struct CocaResult {
     embedding: Vec<f32>,
+    /// captioning tokens, kept so `coca_model_caption` needs no second encoder pass
+    tokens: Vec<f32>,
     scores: Vec<Score>,
     labels_c: Vec<CString>,
 }
@@ -486,7 +516,7 @@ pub unsafe extern "C" fn coca_model_process(
             _ => Vec::new(),
         };
         let labels_c = scores.iter().map(|s| CString::new(s.label.replace('\0', " ")).unwrap_or_default()).collect();
-        out.write(Box::into_raw(Box::new(CocaResult { embedding: features.embedding, scores, labels_c })));
+        out.write(Box::into_raw(Box::new(CocaResult { embedding: features.embedding, tokens: features.tokens, scores, labels_c })));
         Ok(())
     })
 }
@@ -530,6 +560,89 @@ pub unsafe extern "C" fn coca_result_labels(result: *const CocaResult, out: *mut
             out.add(i).write(CocaLabelScore { label: c.as_ptr(), index: s.index as u32, probability: s.probability, cosine: s.cosine });
         }
         written.write(n);
+        Ok(())
+    })
+}
+
+/// Fill `out` with open_clip generate()'s defaults.
+#[no_mangle]
+pub unsafe extern "C" fn coca_caption_options_default(out: *mut CocaCaptionOptions) -> CocaStatus {
+    guard(None, || {
+        if out.is_null() {
+            return Err(fail(CocaStatus::NullPointer, "options is null"));
+        }
+        let d = crate::caption::CaptionOptions::default();
+        out.write(CocaCaptionOptions {
+            struct_size: std::mem::size_of::<CocaCaptionOptions>() as u32,
+            search: COCA_SEARCH_BEAM,
+            beams: 6,
+            beam_groups: 3,
+            max_tokens: d.max_tokens as u32,
+            min_tokens: d.min_tokens as u32,
+            top_k: 50,
+            top_p: 0.9,
+            temperature: d.temperature,
+            repetition_penalty: d.repetition_penalty,
+            seed: d.seed,
+        });
+        Ok(())
+    })
+}
+
+/// Caption the frame of `result` (from the same encoder pass; `options` null for the defaults)
+/// and copy the NUL-terminated UTF-8 text into `buf` (`cap` bytes). `*needed` (may be null)
+/// receives the bytes the text needs with its NUL; if `cap` is smaller nothing is written and
+/// `COCA_STATUS_BUFFER_TOO_SMALL` is returned. Needs a bundle with decoder graphs.
+#[no_mangle]
+pub unsafe extern "C" fn coca_model_caption(
+    model: *mut CocaModel,
+    result: *const CocaResult,
+    options: *const CocaCaptionOptions,
+    buf: *mut c_char,
+    cap: usize,
+    needed: *mut usize,
+) -> CocaStatus {
+    let Some(m) = model.as_ref() else {
+        set_last_error("model is null");
+        return CocaStatus::NullPointer;
+    };
+    guard(Some(m), || {
+        use crate::caption::{CaptionOptions, Search};
+        let r = result.as_ref().ok_or_else(|| fail(CocaStatus::NullPointer, "result is null"))?;
+        let mut opts = CaptionOptions::default();
+        if !options.is_null() {
+            let o = &*options;
+            if o.struct_size as usize != std::mem::size_of::<CocaCaptionOptions>() {
+                return Err(fail(CocaStatus::InvalidArgument, "options.struct_size is wrong (initialise with coca_caption_options_default)"));
+            }
+            opts.search = match o.search {
+                COCA_SEARCH_GREEDY => Search::Greedy,
+                COCA_SEARCH_BEAM => Search::Beam { beams: o.beams as usize, groups: o.beam_groups as usize },
+                COCA_SEARCH_TOP_K => Search::TopK { k: o.top_k as usize },
+                COCA_SEARCH_TOP_P => Search::TopP { p: o.top_p },
+                other => return Err(fail(CocaStatus::InvalidArgument, format!("options.search {other} is not a COCA_SEARCH_* value"))),
+            };
+            opts.max_tokens = o.max_tokens as usize;
+            opts.min_tokens = o.min_tokens as usize;
+            opts.temperature = o.temperature;
+            opts.repetition_penalty = o.repetition_penalty;
+            opts.seed = o.seed;
+        }
+        let inner = lock(m)?;
+        let features = crate::model::ImageFeatures { embedding: r.embedding.clone(), tokens: r.tokens.clone() };
+        let c = inner.pipeline.caption(&features, &opts, |_, _| {})?;
+        let text = CString::new(c.text.replace('\0', " ")).unwrap_or_default();
+        let bytes = text.as_bytes_with_nul();
+        if !needed.is_null() {
+            needed.write(bytes.len());
+        }
+        if cap < bytes.len() {
+            return Err(fail(CocaStatus::BufferTooSmall, format!("caption needs {} bytes, buffer holds {cap}", bytes.len())));
+        }
+        if buf.is_null() {
+            return Err(fail(CocaStatus::NullPointer, "buf is null"));
+        }
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, bytes.len());
         Ok(())
     })
 }

@@ -92,6 +92,8 @@ fn c_example_classifies_like_the_rust_api() {
     let f = p.embed_image(&vision::frame_to_image(&rgb, w, h, 0, PixelFormat::Rgb8).unwrap()).unwrap();
     let mut want: Vec<String> = p.classify(&f, &set, 3).unwrap().iter().map(|s| format!("{:.4} {}", s.probability, s.label)).collect();
     want.push(format!("embedding {}: {:.6} {:.6} {:.6}", f.embedding.len(), f.embedding[0], f.embedding[1], f.embedding[2]));
+    let caption = p.caption(&f, &coca_edge::caption::CaptionOptions::default(), |_, _| {}).unwrap();
+    want.push(format!("caption: {}", caption.text));
     assert_eq!(stdout.lines().collect::<Vec<_>>(), want);
 }
 

@@ -4,7 +4,8 @@
  *   target/release/coca_classify_c BUNDLE FRAME.rgb WIDTH HEIGHT LABEL [LABEL...]
  *
  * FRAME.rgb holds WIDTH*HEIGHT*3 bytes (e.g. `ffmpeg -i photo.jpg -f rawvideo -pix_fmt rgb24
- * frame.rgb`). Prints the top labels with probabilities, then the first embedding values.
+ * frame.rgb`). Prints the top labels with probabilities, the first embedding values and a
+ * caption (beam search), all from one encoder pass.
  * Exit codes: 0 ok, 2 error (the message on stderr). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,6 +73,13 @@ int main(int argc, char **argv) {
         goto done;
     }
     printf("embedding %zu: %.6f %.6f %.6f\n", n, embedding[0], embedding[1], embedding[2]);
+    char caption[4096];
+    size_t needed = 0;
+    CocaStatus st = coca_model_caption(model, result, NULL, caption, sizeof caption, &needed);
+    if (st == COCA_STATUS_OK)
+        printf("caption: %s\n", caption);
+    else if (st != COCA_STATUS_BUNDLE) /* a bundle without decoder graphs cannot caption */
+        rc = fail("caption");
 done:
     free(embedding);
     free(pixels);

@@ -150,6 +150,32 @@ int main(int argc, char **argv) {
     CHECK(scores[0].probability >= scores[1].probability && scores[0].index < 3 && strlen(scores[0].label) > 0);
     free(emb);
 
+    /* captions */
+    CocaCaptionOptions copts;
+    CHECK(coca_caption_options_default(NULL) == COCA_STATUS_NULL_POINTER);
+    CHECK(coca_caption_options_default(&copts) == COCA_STATUS_OK && copts.beams == 6);
+    char text[2048];
+    size_t needed = 0;
+    CHECK(coca_model_caption(NULL, result, &copts, text, sizeof text, &needed) == COCA_STATUS_NULL_POINTER);
+    CHECK(coca_model_caption(model, NULL, &copts, text, sizeof text, &needed) == COCA_STATUS_NULL_POINTER);
+    CocaCaptionOptions bad_c = copts;
+    bad_c.search = 9;
+    CHECK(coca_model_caption(model, result, &bad_c, text, sizeof text, &needed) == COCA_STATUS_INVALID_ARGUMENT);
+    bad_c = copts;
+    bad_c.beams = 0;
+    CHECK(coca_model_caption(model, result, &bad_c, text, sizeof text, &needed) == COCA_STATUS_INVALID_ARGUMENT);
+    bad_c = copts;
+    bad_c.max_tokens = 0;
+    CHECK(coca_model_caption(model, result, &bad_c, text, sizeof text, &needed) == COCA_STATUS_INVALID_ARGUMENT);
+    bad_c = copts;
+    bad_c.struct_size = 1;
+    CHECK(coca_model_caption(model, result, &bad_c, text, sizeof text, &needed) == COCA_STATUS_INVALID_ARGUMENT);
+    copts.search = COCA_SEARCH_GREEDY;
+    CHECK(coca_model_caption(model, result, &copts, text, 1, &needed) == COCA_STATUS_BUFFER_TOO_SMALL && needed > 1);
+    CHECK(coca_model_caption(model, result, &copts, NULL, sizeof text, &needed) == COCA_STATUS_NULL_POINTER);
+    CHECK(coca_model_caption(model, result, &copts, text, needed, NULL) == COCA_STATUS_OK && strlen(text) + 1 == needed);
+    CHECK(coca_model_caption(model, result, NULL, text, sizeof text, NULL) == COCA_STATUS_OK);
+
     /* frees accept null */
     coca_result_free(&result);
     coca_result_free(&result);
