@@ -148,6 +148,8 @@ pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
     id: String,
+    /// where verified digests are remembered (None: hash every file on every open)
+    digest_cache: Option<PathBuf>,
 }
 
 impl Bundle {
@@ -180,7 +182,15 @@ impl Bundle {
         })?;
         let manifest = parse_manifest(&text, &mpath)?;
         let id = bundle_id(&manifest);
-        Ok(Bundle { dir, manifest, id })
+        Ok(Bundle { dir, manifest, id, digest_cache: None })
+    }
+
+    /// Remember verified digests under `dir`, keyed by the file's path, size, modification time
+    /// and inode, so a large graph is hashed once, not at every start (cold start). A file that
+    /// changes in any of these is hashed again; an unreadable or damaged entry is ignored.
+    pub fn with_digest_cache(mut self, dir: Option<PathBuf>) -> Bundle {
+        self.digest_cache = dir;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -242,7 +252,7 @@ impl Bundle {
                 ),
             });
         }
-        let digest = sha256_file(&path)?;
+        let digest = self.digest(&path, &meta)?;
         if !digest.eq_ignore_ascii_case(&spec.sha256) {
             return Err(Error::Integrity {
                 path,
@@ -251,6 +261,49 @@ impl Bundle {
         }
         Ok(path)
     }
+}
+
+impl Bundle {
+    fn digest(&self, path: &Path, meta: &std::fs::Metadata) -> Result<String> {
+        let Some(dir) = &self.digest_cache else { return sha256_file(path) };
+        let stamp = file_stamp(path, meta);
+        let entry = dir.join("digests").join(format!("{}.json", hex::encode(&Sha256::digest(stamp.as_bytes())[..16])));
+        if let Ok(text) = std::fs::read_to_string(&entry) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if v["stamp"] == stamp.as_str() {
+                    if let Some(d) = v["sha256"].as_str().filter(|d| d.len() == 64) {
+                        return Ok(d.to_string());
+                    }
+                }
+            }
+            log::warn!("ignoring damaged digest cache entry {}", entry.display());
+        }
+        let digest = sha256_file(path)?;
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(entry.parent().unwrap())?;
+            let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, serde_json::json!({"stamp": stamp, "sha256": digest}).to_string())?;
+            std::fs::rename(&tmp, &entry)
+        };
+        if let Err(e) = write() {
+            log::debug!("could not write digest cache {}: {e}", entry.display());
+        }
+        Ok(digest)
+    }
+}
+
+/// Identity of a file's current content as the file system sees it.
+fn file_stamp(path: &Path, meta: &std::fs::Metadata) -> String {
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+    #[cfg(unix)]
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        format!("{}:{}", meta.dev(), meta.ino())
+    };
+    #[cfg(not(unix))]
+    let ino = String::new();
+    format!("{}|{}|{}|{}", canonical.display(), meta.len(), mtime, ino)
 }
 
 fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest> {

@@ -48,7 +48,7 @@ impl std::fmt::Debug for Pipeline {
 impl Pipeline {
     /// Open and check the bundle at `dir`, load its tokenizer and image encoder.
     pub fn open(dir: impl AsRef<Path>, opts: PipelineOptions) -> Result<Pipeline> {
-        let bundle = Bundle::open(dir)?;
+        let bundle = Bundle::open(dir)?.with_digest_cache(opts.cache_dir.clone());
         let m = bundle.manifest();
         let vocab = bundle.verified_path(&m.text.vocab)?;
         let clean: Clean = m.text.clean.parse().map_err(|e: Error| Error::Manifest {

@@ -81,7 +81,8 @@ fn sampling_is_reproducible_with_a_seed() {
 }
 
 fn coca(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_coca")).args(args).env_remove("COCA_MODEL").output().unwrap()
+    let cache = tempfile::tempdir().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_coca")).args(args).env_remove("COCA_MODEL").env("COCA_CACHE_DIR", cache.path()).output().unwrap()
 }
 
 fn assert_one_line_error(out: &std::process::Output, needle: &str) {

@@ -247,3 +247,45 @@ fn usage_errors_exit_2() {
     let out = coca(&[&"--threads", &"0", &"info"], tmp.path());
     assert_one_line_error(&out, "--threads");
 }
+
+#[test]
+fn damaged_caches_are_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image("chelsea.png");
+    let first = coca(&[&"classify", &img, &"--labels", &"cat,dog", &"--json"], tmp.path());
+    assert!(first.status.success());
+    // damage every cache entry: label embeddings and file digests
+    let mut damaged = 0;
+    for sub in ["labels", "digests"] {
+        for e in std::fs::read_dir(tmp.path().join(sub)).unwrap() {
+            std::fs::write(e.unwrap().path(), b"{ not json").unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged >= 3, "expected label and digest entries, found {damaged}");
+    let again = coca(&[&"classify", &img, &"--labels", &"cat,dog", &"--json"], tmp.path());
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(first.stdout, again.stdout, "same result after the caches were rebuilt");
+    // and the rebuilt entries are valid again: a third run reads them without warnings
+    let third = coca(&[&"classify", &img, &"--labels", &"cat,dog", &"--json"], tmp.path());
+    assert_eq!(first.stdout, third.stdout);
+    assert!(third.stderr.is_empty(), "{}", String::from_utf8_lossy(&third.stderr));
+}
+
+#[test]
+fn a_digest_cache_never_hides_a_changed_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    let img = image("chelsea.png");
+    assert!(coca(&[&"--model", &b, &"embed", &img], tmp.path()).status.success());
+    // same size, new content: the stamp (mtime) changes, so the file is hashed again
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let p = b.join("image_encoder.onnx");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&p, bytes).unwrap();
+    let out = coca(&[&"--model", &b, &"embed", &img], tmp.path());
+    assert_one_line_error(&out, "image_encoder.onnx: sha256");
+}

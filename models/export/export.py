@@ -69,9 +69,12 @@ def build_model(args):
         raise SystemExit(f"error: '{name}' is not a CoCa config (no multimodal_cfg)")
     width_t = cfg["text_cfg"].get("width")
     width_m = cfg["multimodal_cfg"].get("width")
-    if not (cfg["embed_dim"] == width_t == width_m):
-        raise SystemExit(f"error: CoCa needs embed_dim == text width == multimodal width, got "
-                         f"{cfg['embed_dim']}, {width_t}, {width_m}")
+    if cfg["text_cfg"].get("hf_model_name"):
+        raise SystemExit(f"error: '{name}' uses a Hugging Face text tower ({cfg['text_cfg']['hf_model_name']}): "
+                         "only open_clip's own TextTransformer is supported")
+    if width_t != width_m:
+        raise SystemExit(f"error: CoCa needs text width == multimodal width (the decoder reads the text "
+                         f"tower's token embeddings), got {width_t} and {width_m}")
 
     if args.random_init:
         model = build_random(name, args.seed)
@@ -341,9 +344,16 @@ def main(argv=None):
     size = size if isinstance(size, int) else size[0]
     embed_dim = cfg["embed_dim"]
     ctx = model.text.context_length if hasattr(model.text, "context_length") else cfg["text_cfg"]["context_length"]
-    n_queries = model.visual.attn_pool.query.shape[0]
     tokenizer = open_clip.get_tokenizer(name)
-    log(f"{name}: image {size}px, embed_dim {embed_dim}, context {ctx}, {n_queries} pooler queries")
+    with torch.no_grad():
+        _, probe_tokens = model.visual(torch.zeros(1, 3, size, size))
+    n_tokens, token_dim = int(probe_tokens.shape[1]), int(probe_tokens.shape[2])
+    text_width = int(cfg["text_cfg"]["width"])
+    pooler = "attentional pooler" if getattr(model.visual, "attn_pool", None) is not None else "patch tokens"
+    log(f"{name}: image {size}px, embed_dim {embed_dim}, context {ctx}, {n_tokens} captioning tokens "
+        f"({pooler}) of width {token_dim}")
+    if token_dim != text_width:
+        raise SystemExit(f"error: captioning tokens have width {token_dim}, the decoder {text_width}")
 
     # ---- image encoder
     AttentionalPooler.forward = _pooler_forward_batch_dependent
@@ -370,7 +380,7 @@ def main(argv=None):
     if len(heads) != 1:
         raise SystemExit(f"error: text and multimodal heads differ ({sorted(heads)}): unsupported")
     n_heads = heads.pop()
-    head_dim = embed_dim // n_heads
+    head_dim = text_width // n_heads
     n_self, n_cross = len(text_blocks) + len(dec_blocks), len(dec_blocks)
     vocab_out = int(model.text_decoder.text_projection.shape[1])
     pad_id = int(getattr(model, "pad_id", 0))
@@ -469,7 +479,7 @@ def main(argv=None):
         "text": {
             "vocab": VOCAB_NAME,
             "context_length": int(ctx),
-            "vocab_size": int(cfg["text_cfg"].get("vocab_size", 49408)),
+            "vocab_size": int(tokenizer.vocab_size),
             "sot": int(tokenizer.sot_token_id),
             "eot": int(tokenizer.eot_token_id),
             "pad": int(getattr(model, "pad_id", 0)),
@@ -487,8 +497,8 @@ def main(argv=None):
         },
         "dims": {
             "embed_dim": int(embed_dim),
-            "caption_tokens": int(n_queries - 1),
-            "token_dim": int(ref_t.shape[-1]) if not args.no_verify else int(embed_dim),
+            "caption_tokens": n_tokens,
+            "token_dim": token_dim,
         },
         "logit_scale": float(model.logit_scale.exp().item()),
         "graphs": {
@@ -496,7 +506,7 @@ def main(argv=None):
                 "precisions": {"f32": "image_encoder.onnx"},
                 "inputs": [io_spec("image", "f32", ["batch", 3, size, size])],
                 "outputs": [io_spec("embedding", "f32", ["batch", embed_dim]),
-                            io_spec("tokens", "f32", ["batch", n_queries - 1, embed_dim])],
+                            io_spec("tokens", "f32", ["batch", n_tokens, token_dim])],
             },
             "text_encoder": {
                 "precisions": {"f32": "text_encoder.onnx"},
@@ -505,15 +515,15 @@ def main(argv=None):
             },
             "cross_kv": {
                 "precisions": {"f32": "cross_kv.onnx"},
-                "inputs": [io_spec("tokens", "f32", [1, n_queries - 1, embed_dim])],
-                "outputs": [io_spec("cross_kv", "f32", [n_cross, 2, 1, n_heads, n_queries - 1, head_dim])],
+                "inputs": [io_spec("tokens", "f32", [1, n_tokens, token_dim])],
+                "outputs": [io_spec("cross_kv", "f32", [n_cross, 2, 1, n_heads, n_tokens, head_dim])],
             },
             "decoder_step": {
                 "precisions": {"f32": "decoder_step.onnx"},
                 "inputs": [io_spec("ids", "i64", ["batch", "step"]),
                            io_spec("key_mask", "f32", ["batch", "past+step"]),
                            io_spec("self_kv", "f32", [n_self, 2, "batch", n_heads, "past", head_dim]),
-                           io_spec("cross_kv", "f32", [n_cross, 2, 1, n_heads, n_queries - 1, head_dim])],
+                           io_spec("cross_kv", "f32", [n_cross, 2, 1, n_heads, n_tokens, head_dim])],
                 "outputs": [io_spec("logits", "f32", ["batch", vocab_out]),
                             io_spec("self_kv_out", "f32", [n_self, 2, "batch", n_heads, "past+step", head_dim])],
             },

@@ -368,7 +368,7 @@ fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
 }
 
 fn embed_cmd(g: &Global, a: EmbedArgs) -> Result<ExitCode> {
-    let p = open_pipeline(g, false)?;
+    let p = open_pipeline(g, true)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = false;
@@ -392,7 +392,7 @@ fn embed_cmd(g: &Global, a: EmbedArgs) -> Result<ExitCode> {
 
 fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
     let opts = engine_options(g)?;
-    let p = open_pipeline(g, false)?;
+    let p = open_pipeline(g, true)?;
     let b = p.bundle();
     let m = b.manifest();
     let graphs: Vec<serde_json::Value> = m
@@ -480,13 +480,20 @@ fn median_ms(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Peak resident memory of this process (Linux: VmHWM), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
 fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
     if a.runs == 0 {
         anyhow::bail!("--runs must be at least 1");
     }
     let opts = engine_options(g)?;
     let t0 = std::time::Instant::now();
-    let p = open_pipeline(g, false)?;
+    let p = open_pipeline(g, true)?;
     let load_s = t0.elapsed().as_secs_f64();
     let bytes = std::fs::read(&a.image).map_err(|e| anyhow::anyhow!("{}: {e}", a.image.display()))?;
     let name = a.image.display().to_string();
@@ -508,8 +515,14 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
     }
     let all = enc.clone();
     let caption = if a.caption { Some(bench_caption(&p, &bytes, &name, &a)?) } else { None };
+    let m = p.bundle().manifest();
+    let graph_bytes: u64 = m.graphs.get("image_encoder").and_then(|g| g.precisions.get(&opts.precision)).and_then(|f| m.files.get(f)).map(|f| f.size).unwrap_or(0);
+    let peak_rss = peak_rss_bytes();
     let r = serde_json::json!({
         "caption": caption,
+        "graph_bytes_loaded": graph_bytes,
+        "peak_rss_bytes": peak_rss,
+        "peak_rss_over_graph_bytes": peak_rss.map(|r| r as f64 / graph_bytes.max(1) as f64),
         "model": p.bundle().manifest().name,
         "threads": opts.effective_threads(),
         "runs": a.runs,
@@ -524,7 +537,8 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
     if a.json {
         writeln!(out, "{r}")?;
     } else {
-        writeln!(out, "model {} | threads {} | load {:.2} s", r["model"].as_str().unwrap_or("?"), r["threads"], load_s)?;
+        writeln!(out, "model {} | threads {} | load {:.2} s | peak RSS {:.0} MB for {:.0} MB of image graph", r["model"].as_str().unwrap_or("?"), r["threads"], load_s,
+            peak_rss.unwrap_or(0) as f64 / 1e6, graph_bytes as f64 / 1e6)?;
         writeln!(out, "median of {} runs: decode {:.2} ms, preprocess {:.2} ms, encoder {:.2} ms", a.runs,
             r["decode_ms_median"].as_f64().unwrap_or(0.0), r["preprocess_ms_median"].as_f64().unwrap_or(0.0), r["encoder_ms_median"].as_f64().unwrap_or(0.0))?;
     }
@@ -533,7 +547,7 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
 
 fn caption_cmd(g: &Global, a: CaptionArgs) -> Result<ExitCode> {
     let opts = a.opts.to_options();
-    let p = open_pipeline(g, false)?;
+    let p = open_pipeline(g, true)?;
     let decoder = p.decoder()?;
     opts.validate(decoder.dims().max_positions)?;
     let mut out = std::io::stdout().lock();
