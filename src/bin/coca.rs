@@ -167,6 +167,9 @@ struct BenchArgs {
     /// Beams for the caption timings
     #[arg(long, default_value_t = 6)]
     beams: usize,
+    /// Print the image encoder's time per operator kind
+    #[arg(long)]
+    profile: bool,
     /// Decoder steps timed for the step-latency table (past 0 .. N-1)
     #[arg(long, default_value_t = 30)]
     step_len: usize,
@@ -515,6 +518,15 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
     }
     let all = enc.clone();
     let caption = if a.caption { Some(bench_caption(&p, &bytes, &name, &a)?) } else { None };
+    if a.profile {
+        let img = coca_edge::vision::decode_image(&bytes, &name, &limits)?;
+        let prof = p.image_encoder().profile(&p.preprocess(&img), a.runs.max(1))?;
+        let total: f64 = prof.iter().map(|x| x.1).sum();
+        eprintln!("image encoder per operator kind (ms per run, {} runs; sum {total:.1} ms):", a.runs.max(1));
+        for (op, ms, n) in prof.iter().take(20) {
+            eprintln!("  {ms:8.2} ms {:5.1}%  {n:4}x  {op}", 100.0 * ms / total);
+        }
+    }
     let m = p.bundle().manifest();
     let graph_bytes: u64 = m.graphs.get("image_encoder").and_then(|g| g.precisions.get(&opts.precision)).and_then(|f| m.files.get(f)).map(|f| f.size).unwrap_or(0);
     let peak_rss = peak_rss_bytes();

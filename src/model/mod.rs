@@ -203,6 +203,29 @@ impl Graph {
         self.load_time
     }
 
+    /// Time each operator over `runs` runs of `inputs`: (operator kind, total ms, count),
+    /// most expensive first. For finding where the time goes (`coca bench --profile`).
+    pub fn profile(&self, inputs: TVec<TValue>, runs: usize) -> Result<Vec<(String, f64, usize)>> {
+        use std::collections::HashMap;
+        let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+        for _ in 0..runs {
+            let mut state = self.plan.spawn().map_err(|e| Error::engine(format!("profiling {}", self.name), e))?;
+            state
+                .run_plan_with_eval(inputs.clone(), |ctx, st, node, input| {
+                    let t = Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
+                    let e = by_op.entry(node.op().name().to_string()).or_default();
+                    e.0 += t.elapsed().as_secs_f64() * 1e3;
+                    e.1 += 1;
+                    r
+                })
+                .map_err(|e| Error::engine(format!("profiling {}", self.name), e))?;
+        }
+        let mut v: Vec<(String, f64, usize)> = by_op.into_iter().map(|(k, (ms, n))| (k, ms / runs as f64, n / runs)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
+    }
+
     fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
         self.plan.run(inputs).map_err(|e| Error::engine(format!("running {}", self.name), e))
     }
@@ -274,6 +297,13 @@ impl ImageEncoder {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// Per-operator time of one preprocessed image (see [`Graph::profile`]).
+    pub fn profile(&self, chw: &[f32], runs: usize) -> Result<Vec<(String, f64, usize)>> {
+        let s = self.size;
+        let input = Tensor::from_shape(&[1, 3, s, s], chw).map_err(|e| Error::engine("image tensor", e))?;
+        self.graph.profile(tvec!(input.into_tvalue()), runs)
     }
 }
 
