@@ -27,15 +27,6 @@ from PIL import Image
 import common
 
 
-def med(fn, runs):
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="coca_ViT-B-32")
@@ -70,8 +61,8 @@ def main():
     lat, embs = model._encode_image(x)
     orig = model._encode_image
     model._encode_image = lambda images, normalize=True: (lat.expand(images.shape[0], -1), embs.expand(images.shape[0], -1, -1))
-    ref_greedy = med(lambda: model.generate(x, generation_type="top_k", top_k=1, seq_len=L, min_seq_len=5), args.ref_runs)
-    ref_beam = med(lambda: model.generate(x, seq_len=L), args.ref_runs)
+    ref_greedy = common.median_ms(lambda: model.generate(x, generation_type="top_k", top_k=1, seq_len=L, min_seq_len=5), args.ref_runs)
+    ref_beam = common.median_ms(lambda: model.generate(x, seq_len=L), args.ref_runs)
     model._encode_image = orig
 
     # ---- onnxruntime on our graphs
@@ -101,7 +92,7 @@ def main():
         for _ in range(args.runs):
             ort_steps(b, rec)
         ort_step[b] = [statistics.median(r) for r in rec]
-    ort_greedy = med(lambda: (ck.run(None, {"tokens": embs.numpy()}), ort_steps(1, None, L - 1)), args.runs)
+    ort_greedy = common.median_ms(lambda: (ck.run(None, {"tokens": embs.numpy()}), ort_steps(1, None, L - 1)), args.runs)
 
     ours_step = {1: ours["step_ms_by_past"]["batch1"], 6: ours["step_ms_by_past"]["batch6"]}
     g_ours, b_ours = ours["whole_caption"]["greedy"]["ms_median"], ours["whole_caption"]["beam"]["ms_median"]

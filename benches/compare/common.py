@@ -2,8 +2,10 @@
 PyTorch model, find the coca binary."""
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "models", "export"))
@@ -59,3 +61,15 @@ def machine():
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores"
+
+
+def median_ms(fn, runs, warmup=0):
+    """Median wall time of fn() in ms over `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)

@@ -13,27 +13,14 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
 from PIL import Image
 
 import common
-
-
-def time_it(fn, runs, warmup):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
 
 
 def main():
@@ -73,13 +60,13 @@ def main():
     for t in [int(v) for v in args.threads.split(",")]:
         # PyTorch: the image tower as open_clip runs it (visual + normalize)
         torch.set_num_threads(t)
-        ms_torch = time_it(lambda: model.encode_image(x, normalize=True), args.runs, args.warmup)
+        ms_torch = common.median_ms(lambda: model.encode_image(x, normalize=True), args.runs, args.warmup)
         # onnxruntime on the exported graph
         so = ort.SessionOptions()
         so.intra_op_num_threads = t
         so.inter_op_num_threads = 1
         sess = ort.InferenceSession(os.path.join(bundle, "image_encoder.onnx"), so, providers=["CPUExecutionProvider"])
-        ms_ort = time_it(lambda: sess.run(None, {"image": xn}), args.runs, args.warmup)
+        ms_ort = common.median_ms(lambda: sess.run(None, {"image": xn}), args.runs, args.warmup)
         del sess
         # coca-edge: the encoder on its own preprocessed tensor (preprocessing timed apart)
         out = subprocess.run([coca, "--model", bundle, "--threads", str(t), "bench", args.image, "--json",

@@ -124,15 +124,8 @@ struct DescribeArgs {
     /// Image files
     #[arg(required = true, value_name = "IMAGE")]
     images: Vec<PathBuf>,
-    /// Comma-separated labels
-    #[arg(long, value_name = "A,B,C", required_unless_present = "labels_file", conflicts_with = "labels_file")]
-    labels: Option<String>,
-    /// UTF-8 file with one label per line
-    #[arg(long, value_name = "FILE")]
-    labels_file: Option<PathBuf>,
-    /// Prompt templates file (default: open_clip's 80 ImageNet templates)
-    #[arg(long, value_name = "FILE")]
-    templates: Option<PathBuf>,
+    #[command(flatten)]
+    labels: LabelArgs,
     /// Labels to show
     #[arg(long = "top", default_value_t = 3, value_name = "N")]
     top: usize,
@@ -175,11 +168,9 @@ struct BenchArgs {
     step_len: usize,
 }
 
+/// Zero-shot labels and prompt templates, shared by classify and describe.
 #[derive(Args, Debug)]
-struct ClassifyArgs {
-    /// Image files
-    #[arg(required = true, value_name = "IMAGE")]
-    images: Vec<PathBuf>,
+struct LabelArgs {
     /// Comma-separated labels, e.g. "cat,dog,traffic cone"
     #[arg(long, value_name = "A,B,C", required_unless_present = "labels_file", conflicts_with = "labels_file")]
     labels: Option<String>,
@@ -189,6 +180,31 @@ struct ClassifyArgs {
     /// Prompt templates, one per line with a {} placeholder (default: open_clip's 80 ImageNet templates)
     #[arg(long, value_name = "FILE")]
     templates: Option<PathBuf>,
+}
+
+impl LabelArgs {
+    /// The checked labels and templates (before any model is loaded).
+    fn load(&self) -> Result<(Vec<String>, Templates)> {
+        let labels = match (&self.labels, &self.labels_file) {
+            (Some(list), _) => classify::parse_label_list(list)?,
+            (None, Some(f)) => classify::read_label_file(f)?,
+            (None, None) => anyhow::bail!("give --labels or --labels-file"),
+        };
+        let templates = match &self.templates {
+            Some(f) => Templates::from_file(f)?,
+            None => Templates::openai_imagenet(),
+        };
+        Ok((labels, templates))
+    }
+}
+
+#[derive(Args, Debug)]
+struct ClassifyArgs {
+    /// Image files
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    labels: LabelArgs,
     /// How many labels to show per image
     #[arg(long, default_value_t = 5, value_name = "N")]
     top_k: usize,
@@ -322,15 +338,7 @@ fn image_error(failed: &mut bool, e: coca_edge::Error) {
 
 fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
     // check the cheap inputs before loading anything
-    let labels = match (&a.labels, &a.labels_file) {
-        (Some(list), _) => classify::parse_label_list(list)?,
-        (None, Some(f)) => classify::read_label_file(f)?,
-        (None, None) => anyhow::bail!("give --labels or --labels-file"),
-    };
-    let templates = match &a.templates {
-        Some(f) => Templates::from_file(f)?,
-        None => Templates::openai_imagenet(),
-    };
+    let (labels, templates) = a.labels.load()?;
     if a.top_k == 0 {
         anyhow::bail!("--top-k must be at least 1");
     }
@@ -584,15 +592,7 @@ fn caption_cmd(g: &Global, a: CaptionArgs) -> Result<ExitCode> {
 }
 
 fn describe_cmd(g: &Global, a: DescribeArgs) -> Result<ExitCode> {
-    let labels = match (&a.labels, &a.labels_file) {
-        (Some(list), _) => classify::parse_label_list(list)?,
-        (None, Some(f)) => classify::read_label_file(f)?,
-        (None, None) => anyhow::bail!("give --labels or --labels-file"),
-    };
-    let templates = match &a.templates {
-        Some(f) => Templates::from_file(f)?,
-        None => Templates::openai_imagenet(),
-    };
+    let (labels, templates) = a.labels.load()?;
     let opts = a.opts.to_options();
     let p = open_pipeline(g, true)?;
     opts.validate(p.decoder()?.dims().max_positions)?;
