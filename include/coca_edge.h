@@ -159,6 +159,11 @@ typedef struct CocaOptions {
    1 = cache label embeddings on disk ($COCA_CACHE_DIR or ~/.cache/coca-edge), 0 = never
    */
   uint32_t label_cache;
+  /*
+   board profile ("rpi4", "rpi5", "jetson-orin"; null = none): its threads and precision
+   are the defaults when `threads` is 0 and `precision` is null
+   */
+  const char *board;
 } CocaOptions;
 
 /*

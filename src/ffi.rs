@@ -86,6 +86,9 @@ pub struct CocaOptions {
     pub backend: *const c_char,
     /// 1 = cache label embeddings on disk ($COCA_CACHE_DIR or ~/.cache/coca-edge), 0 = never
     pub label_cache: u32,
+    /// board profile ("rpi4", "rpi5", "jetson-orin"; null = none): its threads and precision
+    /// are the defaults when `threads` is 0 and `precision` is null
+    pub board: *const c_char,
 }
 
 /// Search strategies of `CocaCaptionOptions.search`.
@@ -359,6 +362,7 @@ pub unsafe extern "C" fn coca_options_default(out: *mut CocaOptions) -> CocaStat
             precision: std::ptr::null(),
             backend: std::ptr::null(),
             label_cache: 1,
+            board: std::ptr::null(),
         });
         Ok(())
     })
@@ -387,12 +391,18 @@ pub unsafe extern "C" fn coca_model_open(bundle_dir: *const c_char, options: *co
             if o.threads > 1024 {
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.threads {} is absurd", o.threads)));
             }
-            let precision = if o.precision.is_null() { "f32" } else { str_arg(o.precision, "options.precision")? };
+            let board = if o.board.is_null() { None } else { Some(crate::board::BoardProfile::named(str_arg(o.board, "options.board")?)?) };
+            let precision = if !o.precision.is_null() {
+                str_arg(o.precision, "options.precision")?.to_string()
+            } else {
+                board.as_ref().map(|b| b.precision.clone()).unwrap_or_else(|| "f32".into())
+            };
+            let threads = if o.threads == 0 { board.as_ref().map(|b| b.threads).unwrap_or(0) } else { o.threads as usize };
             let backend = if o.backend.is_null() { "cpu" } else { str_arg(o.backend, "options.backend")? };
             if backend != "cpu" {
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.backend '{backend}': only 'cpu' is available in this build")));
             }
-            opts.engine = EngineOptions { threads: o.threads as usize, precision: precision.to_string() };
+            opts.engine = EngineOptions { threads, precision };
             cache = o.label_cache != 0;
         }
         if cache {

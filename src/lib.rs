@@ -25,11 +25,13 @@
 //!   `generate()` semantics).
 //! - [`classify`]: zero-shot label embeddings (prompt templates, averaging, on-disk cache), scores.
 //! - [`model`]: the only module that names tract types: loads, checks, optimises and runs graphs.
+//! - [`board`]: built-in board profiles (`boards/*.toml`): default threads and precision.
 //! - [`bundle`]: the model bundle: versioned manifest, file sizes and hashes, validation.
 //! - [`vision`]: image decoding with limits, preprocessing identical to open_clip's (PIL) transform.
 //! - [`text`]: the CLIP BPE tokenizer and detokenizer, identical to open_clip's SimpleTokenizer.
 //! - [`error`]: the library's one error type; every variant names the thing that was wrong.
 
+pub mod board;
 pub mod bundle;
 pub mod caption;
 pub mod classify;

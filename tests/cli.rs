@@ -289,3 +289,16 @@ fn a_digest_cache_never_hides_a_changed_file() {
     let out = coca(&[&"--model", &b, &"embed", &img], tmp.path());
     assert_one_line_error(&out, "image_encoder.onnx: sha256");
 }
+
+#[test]
+fn board_profiles_set_defaults_and_unknown_boards_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"--board", &"rpi4", &"info", &"--json"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"], 4);
+    let out = coca(&[&"--board", &"rpi4", &"--threads", &"1", &"info", &"--json"], tmp.path());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"], 1, "explicit --threads wins over the board");
+    assert_one_line_error(&coca(&[&"--board", &"toaster", &"info"], tmp.path()), "unknown board 'toaster'");
+}

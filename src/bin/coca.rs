@@ -26,9 +26,12 @@ struct Global {
     /// Model bundle folder (default: $COCA_MODEL, else the bundle shipped in models/)
     #[arg(long, global = true, env = "COCA_MODEL", value_name = "DIR")]
     model: Option<PathBuf>,
-    /// Threads for inference (default: all cores)
+    /// Threads for inference (default: the board profile's, else all cores)
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// Board profile for the defaults (rpi4, rpi5, jetson-orin; see boards/)
+    #[arg(long, global = true, env = "COCA_BOARD", value_name = "NAME")]
+    board: Option<String>,
     /// More log output (-v info, -vv debug)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -305,7 +308,15 @@ fn engine_options(g: &Global) -> Result<EngineOptions> {
     if g.threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
     }
-    Ok(EngineOptions { threads: g.threads.unwrap_or(0), ..Default::default() })
+    let mut opts = EngineOptions { threads: g.threads.unwrap_or(0), ..Default::default() };
+    if let Some(name) = &g.board {
+        let b = coca_edge::board::BoardProfile::named(name)?;
+        if g.threads.is_none() {
+            opts.threads = b.threads;
+        }
+        opts.precision = b.precision;
+    }
+    Ok(opts)
 }
 
 fn open_pipeline(g: &Global, cache: bool) -> Result<Pipeline> {

@@ -68,6 +68,13 @@ int main(int argc, char **argv) {
     bad.precision = "\xc3\x28";
     CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_INVALID_UTF8 && model == NULL);
     bad = opts;
+    bad.board = "toaster";
+    CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_INVALID_ARGUMENT && model == NULL);
+    CHECK(strstr(coca_last_error(), "rpi5") != NULL);
+    bad = opts;
+    bad.board = "\xff";
+    CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_INVALID_UTF8 && model == NULL);
+    bad = opts;
     bad.precision = "int3";
     CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_BUNDLE && model == NULL);
     CHECK(coca_model_open(bundle, &opts, &model) == COCA_STATUS_OK && model != NULL);
