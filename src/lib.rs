@@ -19,6 +19,8 @@
 //! # Layout
 //! Imports point one way, down this list; nothing imports what is above it.
 //! - [`ffi`]: the C ABI (`include/coca_edge.h`), a thin panic-safe layer over the public API.
+//! - [`stream`]: capture thread, latest-frame slot, per-frame labels and captions, JSON reports.
+//! - [`source`]: frame sources: image files and folders, Y4M, MJPEG, raw frames from a pipe.
 //! - [`pipeline`]: `Pipeline`, what the CLI, the Rust API and the C ABI share: bundle ->
 //!   preprocess -> image encoder -> labels.
 //! - [`caption`]: greedy, beam and sampling search over the KV-cached decoder (open_clip's
@@ -39,6 +41,8 @@ pub mod error;
 pub mod ffi;
 pub mod model;
 pub mod pipeline;
+pub mod source;
+pub mod stream;
 pub mod text;
 pub mod vision;
 

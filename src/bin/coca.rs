@@ -54,6 +54,38 @@ enum Cmd {
     Caption(CaptionArgs),
     /// Labels and a caption from one encoder pass, with per-stage timings
     Describe(DescribeArgs),
+    /// Process a stream of frames (files, folders, Y4M, MJPEG, raw frames on stdin) and print
+    /// one JSON line per processed frame (schema 1), then a summary line
+    Stream(StreamArgs),
+}
+
+#[derive(Args, Debug)]
+struct StreamArgs {
+    /// Input: a folder or image, a .y4m or .mjpeg file, file://PATH, or - for raw frames on stdin
+    #[arg(value_name = "INPUT")]
+    input: String,
+    #[command(flatten)]
+    labels: LabelArgs,
+    /// Labels per frame
+    #[arg(long = "top", default_value_t = 3, value_name = "N")]
+    top: usize,
+    /// Raw frame format for - or a raw file, e.g. yuyv:640x480, nv12:1280x720, rgb24:640x480
+    #[arg(long, value_name = "FMT:WxH")]
+    input_format: Option<String>,
+    /// Process every frame of a file instead of the newest one (no drops, no pacing)
+    #[arg(long)]
+    every_frame: bool,
+    /// Caption every N processed frames (0 = never)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    caption_every: usize,
+    /// Caption when the embedding moved: 1 - cosine to the last captioned frame above T
+    #[arg(long, value_name = "T")]
+    caption_on_change: Option<f32>,
+    /// Stop after N processed frames
+    #[arg(long, value_name = "N")]
+    max_frames: Option<u64>,
+    #[command(flatten)]
+    opts: CaptionOpts,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -337,6 +369,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench(a) => bench_cmd(&cli.global, a),
         Cmd::Caption(a) => caption_cmd(&cli.global, a),
         Cmd::Describe(a) => describe_cmd(&cli.global, a),
+        Cmd::Stream(a) => stream_cmd(&cli.global, a),
     }
 }
 
@@ -691,4 +724,46 @@ fn bench_caption(p: &Pipeline, bytes: &[u8], name: &str, a: &BenchArgs) -> Resul
         whole.insert(label.to_string(), serde_json::json!({"ms_median": median_ms(&mut ts), "sequence_len": tokens}));
     }
     Ok(serde_json::json!({"step_ms_by_past": step_ms, "whole_caption": whole, "cache_bytes_per_beam_token": dec.cache_bytes_per_token()}))
+}
+
+fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
+    use coca_edge::stream::{self, StreamOptions};
+    let (labels, templates) = a.labels.load()?;
+    let raw = a.input_format.as_deref().map(coca_edge::source::parse_input_format).transpose()?;
+    if let Some(t) = a.caption_on_change {
+        if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
+            anyhow::bail!("--caption-on-change {t}: use a cosine distance in 0..2");
+        }
+    }
+    let p = open_pipeline(g, true)?;
+    let source = coca_edge::source::open_source(&a.input, raw, p.options().limits)?;
+    let set = p.label_set(&labels, &templates, |_, _| {})?;
+    let opts = StreamOptions {
+        every_frame: a.every_frame,
+        caption_every: a.caption_every,
+        caption_on_change: a.caption_on_change,
+        caption: a.opts.to_options(),
+        top_k: a.top,
+        max_frames: a.max_frames,
+    };
+    static SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| SHUTDOWN.store(true, std::sync::atomic::Ordering::SeqCst));
+    let status = std::io::stderr().is_terminal() && !g.quiet;
+    let mut out = std::io::stdout().lock();
+    let summary = stream::run(&p, source, Some(&set), &opts, &SHUTDOWN, |r| {
+        let line = serde_json::to_string(r).map_err(|e| coca_edge::Error::InvalidArgument(e.to_string()))?;
+        writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| coca_edge::Error::Io { path: "stdout".into(), source: e })?;
+        if status {
+            eprint!("\rframe {} | processed {} | dropped {} | encoder {:.0} ms   ", r.frame, r.processed, r.dropped, r.latency.encoder_ms);
+        }
+        Ok(())
+    })?;
+    if status {
+        eprintln!();
+    }
+    writeln!(out, "{}", serde_json::to_string(&summary)?)?;
+    if !g.quiet && status {
+        eprintln!("{}: {} captured, {} processed, {} dropped, {} bad, {:.1} frames/s", summary.source, summary.captured, summary.processed, summary.dropped, summary.bad_frames, summary.fps);
+    }
+    Ok(ExitCode::SUCCESS)
 }

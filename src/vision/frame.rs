@@ -25,6 +25,9 @@ pub enum PixelFormat {
     /// YUV 4:2:0: a Y plane of `height` rows, then an interleaved U/V plane of `height / 2`
     /// rows, both with the same stride; width and height must be even
     Nv12,
+    /// YUV 4:2:0 planar (I420, Y4M's C420): Y plane, then U, then V planes of half width and
+    /// height; rows tightly packed (stride ignored); width and height must be even
+    I420,
 }
 
 impl PixelFormat {
@@ -33,7 +36,7 @@ impl PixelFormat {
         match self {
             PixelFormat::Rgb8 | PixelFormat::Bgr8 => width * 3,
             PixelFormat::Rgba8 => width * 4,
-            PixelFormat::Gray8 | PixelFormat::Nv12 => width,
+            PixelFormat::Gray8 | PixelFormat::Nv12 | PixelFormat::I420 => width,
             PixelFormat::Yuyv => width * 2,
         }
     }
@@ -46,6 +49,7 @@ impl PixelFormat {
             PixelFormat::Gray8 => "GRAY8",
             PixelFormat::Yuyv => "YUYV",
             PixelFormat::Nv12 => "NV12",
+            PixelFormat::I420 => "I420",
         }
     }
 }
@@ -61,19 +65,19 @@ pub fn frame_to_image(data: &[u8], width: u32, height: u32, stride: usize, forma
         return Err(bad(format!("size must be 1..={MAX_FRAME_SIDE} on each side")));
     }
     let row = format.row_bytes(width as u64) as usize;
-    let stride = if stride == 0 { row } else { stride };
+    let stride = if stride == 0 || format == PixelFormat::I420 { row } else { stride };
     if stride < row {
         return Err(bad(format!("stride {stride} is less than a row's {row} bytes")));
     }
-    if matches!(format, PixelFormat::Yuyv | PixelFormat::Nv12) && width % 2 != 0 {
+    if matches!(format, PixelFormat::Yuyv | PixelFormat::Nv12 | PixelFormat::I420) && width % 2 != 0 {
         return Err(bad("width must be even".into()));
     }
-    if format == PixelFormat::Nv12 && height % 2 != 0 {
+    if matches!(format, PixelFormat::Nv12 | PixelFormat::I420) && height % 2 != 0 {
         return Err(bad("height must be even".into()));
     }
     let rows = if format == PixelFormat::Nv12 { height as usize + height as usize / 2 } else { height as usize };
     // the last row need not be padded to the stride
-    let need = (rows - 1) * stride + row;
+    let need = if format == PixelFormat::I420 { frame_bytes(PixelFormat::I420, width, height) } else { (rows - 1) * stride + row };
     if data.len() < need {
         return Err(bad(format!("buffer has {} bytes, needs {need}", data.len())));
     }
@@ -107,6 +111,19 @@ pub fn frame_to_image(data: &[u8], width: u32, height: u32, stride: usize, forma
             }
             (PixelMode::Rgb, out)
         }
+        PixelFormat::I420 => {
+            let mut out = vec![0u8; w * h * 3];
+            let (cw, ch) = (w / 2, h / 2);
+            let (u_plane, v_plane) = (&data[w * h..w * h + cw * ch], &data[w * h + cw * ch..w * h + 2 * cw * ch]);
+            for y in 0..h {
+                let dst = &mut out[y * w * 3..(y + 1) * w * 3];
+                for x in 0..w {
+                    let c = (y / 2) * cw + x / 2;
+                    yuv_to_rgb(data[y * w + x], u_plane[c], v_plane[c], &mut dst[x * 3..x * 3 + 3]);
+                }
+            }
+            (PixelMode::Rgb, out)
+        }
         PixelFormat::Nv12 => {
             let mut out = vec![0u8; w * h * 3];
             for y in 0..h {
@@ -122,6 +139,15 @@ pub fn frame_to_image(data: &[u8], width: u32, height: u32, stride: usize, forma
         }
     };
     DecodedImage::new(width, height, mode, pixels)
+}
+
+/// Bytes of one tightly packed frame.
+pub fn frame_bytes(format: PixelFormat, width: u32, height: u32) -> usize {
+    let (w, h) = (width as usize, height as usize);
+    match format {
+        PixelFormat::Nv12 | PixelFormat::I420 => w * h + 2 * (w / 2) * (h / 2),
+        f => f.row_bytes(width as u64) as usize * h,
+    }
 }
 
 /// BT.601 limited range -> RGB, 16.16 fixed point, rounded, clamped.
@@ -179,6 +205,22 @@ mod tests {
         nv12.extend((0..4).flat_map(|_| [u, v]));
         let b = frame_to_image(&nv12, 8, 2, 0, PixelFormat::Nv12).unwrap();
         assert_eq!(a.pixels(), b.pixels());
+    }
+
+    #[test]
+    fn i420_matches_nv12() {
+        let (w, h) = (4usize, 2usize);
+        let y: Vec<u8> = (0..w * h).map(|i| 40 + 20 * i as u8).collect();
+        let (u, v) = ([90u8, 140], [200u8, 60]);
+        let mut i420 = y.clone();
+        i420.extend(u);
+        i420.extend(v);
+        let mut nv12 = y;
+        nv12.extend([u[0], v[0], u[1], v[1]]);
+        let a = frame_to_image(&i420, 4, 2, 0, PixelFormat::I420).unwrap();
+        let b = frame_to_image(&nv12, 4, 2, 0, PixelFormat::Nv12).unwrap();
+        assert_eq!(a.pixels(), b.pixels());
+        assert_eq!(frame_bytes(PixelFormat::I420, 4, 2), 12);
     }
 
     #[test]

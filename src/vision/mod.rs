@@ -28,7 +28,7 @@ mod jpeg;
 mod resize;
 
 pub use decode::{decode_image, load_image};
-pub use frame::{frame_to_image, PixelFormat, MAX_FRAME_SIDE};
+pub use frame::{frame_bytes, frame_to_image, PixelFormat, MAX_FRAME_SIDE};
 
 use crate::error::{Error, Result};
 use resize::Coeffs;

@@ -1,0 +1,279 @@
+//! The stream loop: a capture thread feeds a latest-frame slot (a newer frame replaces a stale
+//! one, which is counted as dropped, so the camera never waits for the models); the processing
+//! loop takes the newest frame, runs one encoder pass, classifies every processed frame and
+//! captions every N frames or when the embedding has moved. `--every-frame` processes every
+//! frame instead (the capture thread waits). Files with a frame rate are paced at it unless
+//! every frame is asked for; live sources deliver at their own rate.
+//!
+//! Output events are [`FrameReport`]s (JSON lines schema version [`SCHEMA_VERSION`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::caption::CaptionOptions;
+use crate::classify::LabelSet;
+use crate::error::Result;
+use crate::pipeline::Pipeline;
+use crate::source::{Frame, FrameSource};
+
+/// Version of the JSON lines schema of [`FrameReport`] and [`Summary`].
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// When captions are made.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// process every frame (files) instead of the newest one
+    pub every_frame: bool,
+    /// caption every N processed frames (0 = never, unless `caption_on_change`)
+    pub caption_every: usize,
+    /// caption when 1 - cosine(embedding, embedding at the last caption) exceeds this
+    pub caption_on_change: Option<f32>,
+    pub caption: CaptionOptions,
+    pub top_k: usize,
+    /// stop after this many processed frames
+    pub max_frames: Option<u64>,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions { every_frame: false, caption_every: 0, caption_on_change: None, caption: CaptionOptions::default(), top_k: 3, max_frames: None }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelScore {
+    pub label: String,
+    pub p: f32,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub preprocess_ms: f64,
+    pub encoder_ms: f64,
+    pub classify_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_ms: Option<f64>,
+}
+
+/// One processed frame (one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct FrameReport {
+    pub schema: u32,
+    /// capture index of the frame
+    pub frame: u64,
+    /// source timestamp in ms
+    pub t_ms: f64,
+    pub labels: Vec<LabelScore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    pub latency: Latency,
+    pub captured: u64,
+    pub processed: u64,
+    /// frames replaced in the slot before they were processed
+    pub dropped: u64,
+    /// frames the source could not deliver (short, corrupt)
+    pub bad_frames: u64,
+}
+
+/// The end of a stream (last JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub schema: u32,
+    pub summary: bool,
+    pub source: String,
+    pub captured: u64,
+    pub processed: u64,
+    pub dropped: u64,
+    pub bad_frames: u64,
+    pub seconds: f64,
+    pub fps: f64,
+}
+
+#[derive(Default)]
+struct SlotState {
+    frame: Option<Frame>,
+    ended: bool,
+    captured: u64,
+    dropped: u64,
+    bad: u64,
+    error: Option<String>,
+}
+
+struct Slot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+/// Run `source` through `pipeline` until it ends, `shutdown` is set or `max_frames` frames were
+/// processed; `on_report` gets every processed frame. Returns the summary.
+pub fn run(
+    pipeline: &Pipeline,
+    source: Box<dyn FrameSource>,
+    labels: Option<&LabelSet>,
+    opts: &StreamOptions,
+    shutdown: &AtomicBool,
+    mut on_report: impl FnMut(&FrameReport) -> Result<()>,
+) -> Result<Summary> {
+    if let Some(d) = pipeline.bundle().manifest().decoder.as_ref() {
+        if opts.caption_every > 0 || opts.caption_on_change.is_some() {
+            opts.caption.validate(d.max_positions)?;
+        }
+    } else if opts.caption_every > 0 || opts.caption_on_change.is_some() {
+        pipeline.decoder()?; // the bundle's own error: it cannot caption
+    }
+    let name = source.name().to_string();
+    let slot = Arc::new(Slot { state: Mutex::new(SlotState::default()), cv: Condvar::new() });
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = if opts.every_frame || source.is_live() { None } else { source.fps() };
+    let every = opts.every_frame;
+    let t0 = Instant::now();
+    let capture = {
+        let (slot, stop) = (slot.clone(), stop.clone());
+        let mut source = source;
+        std::thread::Builder::new()
+            .name("coca-capture".into())
+            .spawn(move || capture_loop(&mut *source, &slot, &stop, pace, every))
+            .map_err(|e| crate::error::Error::InvalidArgument(format!("cannot start the capture thread: {e}")))?
+    };
+    let result = process_loop(pipeline, &slot, labels, opts, shutdown, &mut on_report);
+    stop.store(true, Ordering::SeqCst);
+    slot.cv.notify_all();
+    let _ = capture.join();
+    let processed = result?;
+    let st = slot.state.lock().unwrap();
+    if let Some(e) = &st.error {
+        log::warn!("{name}: {e}");
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(Summary {
+        schema: SCHEMA_VERSION,
+        summary: true,
+        source: name,
+        captured: st.captured,
+        processed,
+        dropped: st.dropped,
+        bad_frames: st.bad,
+        seconds,
+        fps: processed as f64 / seconds.max(1e-9),
+    })
+}
+
+fn capture_loop(source: &mut dyn FrameSource, slot: &Slot, stop: &AtomicBool, pace: Option<f64>, every_frame: bool) {
+    let start = Instant::now();
+    let mut logged_bad = false;
+    while !stop.load(Ordering::SeqCst) {
+        match source.next_frame() {
+            Ok(Some(frame)) => {
+                if let Some(fps) = pace {
+                    let due = Duration::from_secs_f64(frame.seq as f64 / fps);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                let mut st = slot.state.lock().unwrap();
+                if every_frame {
+                    while st.frame.is_some() && !stop.load(Ordering::SeqCst) {
+                        st = slot.cv.wait(st).unwrap();
+                    }
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+                st.captured += 1;
+                if st.frame.replace(frame).is_some() {
+                    st.dropped += 1;
+                }
+                slot.cv.notify_all();
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let mut st = slot.state.lock().unwrap();
+                st.bad += 1;
+                if !logged_bad {
+                    log::warn!("dropping a bad frame (further ones are only counted): {e}");
+                    logged_bad = true;
+                }
+                // a source that keeps failing has ended (a closed pipe, a truncated file)
+                if st.bad > 1000 {
+                    st.error = Some(format!("too many bad frames, last: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    let mut st = slot.state.lock().unwrap();
+    st.ended = true;
+    slot.cv.notify_all();
+}
+
+fn process_loop(
+    p: &Pipeline,
+    slot: &Slot,
+    labels: Option<&LabelSet>,
+    opts: &StreamOptions,
+    shutdown: &AtomicBool,
+    on_report: &mut impl FnMut(&FrameReport) -> Result<()>,
+) -> Result<u64> {
+    let mut processed = 0u64;
+    let mut last_caption_emb: Option<Vec<f32>> = None;
+    loop {
+        if shutdown.load(Ordering::SeqCst) || opts.max_frames.map(|m| processed >= m).unwrap_or(false) {
+            return Ok(processed);
+        }
+        let (frame, captured, dropped, bad) = {
+            let mut st = slot.state.lock().unwrap();
+            loop {
+                if st.frame.is_some() || st.ended || shutdown.load(Ordering::SeqCst) {
+                    break;
+                }
+                st = slot.cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+            }
+            let f = st.frame.take();
+            slot.cv.notify_all();
+            (f, st.captured, st.dropped, st.bad)
+        };
+        let Some(frame) = frame else { return Ok(processed) };
+        let t0 = Instant::now();
+        let chw = p.preprocess(&frame.image);
+        let t1 = Instant::now();
+        let feats = p.embed_preprocessed(&chw)?;
+        let t2 = Instant::now();
+        let scores = match labels {
+            Some(set) => p.classify(&feats, set, opts.top_k)?,
+            None => Vec::new(),
+        };
+        let t3 = Instant::now();
+        let due_every = opts.caption_every > 0 && processed % opts.caption_every as u64 == 0;
+        let due_change = match (opts.caption_on_change, &last_caption_emb) {
+            (Some(_), None) => true,
+            (Some(t), Some(prev)) => 1.0 - crate::classify::dot(prev, &feats.embedding) > t,
+            (None, _) => false,
+        };
+        let caption = if due_every || due_change {
+            let c = p.caption(&feats, &opts.caption, |_, _| {})?;
+            last_caption_emb = Some(feats.embedding.clone());
+            Some(c.text)
+        } else {
+            None
+        };
+        let t4 = Instant::now();
+        processed += 1;
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let report = FrameReport {
+            schema: SCHEMA_VERSION,
+            frame: frame.seq,
+            t_ms: frame.timestamp.as_secs_f64() * 1e3,
+            labels: scores.iter().map(|s| LabelScore { label: s.label.clone(), p: s.probability }).collect(),
+            latency: Latency { preprocess_ms: ms(t0, t1), encoder_ms: ms(t1, t2), classify_ms: ms(t2, t3), caption_ms: caption.as_ref().map(|_| ms(t3, t4)) },
+            caption,
+            captured,
+            processed,
+            dropped,
+            bad_frames: bad,
+        };
+        on_report(&report)?;
+    }
+}
