@@ -16,17 +16,42 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// target/<profile>, where cargo put libcoca_edge.a for this test run.
-fn target_dir() -> PathBuf {
+/// The folder holding libcoca_edge.a for this test run's profile. `cargo test` builds the
+/// staticlib but leaves it in deps/ under a hashed name, so ask cargo for the artifact (a no-op
+/// build: the library was just compiled for these tests) and use the folder it reports.
+fn staticlib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_string(),
+        Some(other) => other.to_string(),
+        None => "release".to_string(),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--lib", "--profile", &profile, "--message-format=json-render-diagnostics"])
+        .current_dir(root())
+        .output()
+        .expect("cargo runs");
+    assert!(out.status.success(), "cargo build --lib failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "coca_edge" {
+            for f in v["filenames"].as_array().into_iter().flatten().filter_map(|f| f.as_str()) {
+                if f.ends_with("libcoca_edge.a") {
+                    return Path::new(f).parent().unwrap().to_path_buf();
+                }
+            }
+        }
+    }
+    panic!("cargo reported no libcoca_edge.a");
 }
 
 /// Build the C programs once (examples/c/build.sh against this run's static library).
 fn built() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let dir = target_dir();
+        let dir = staticlib_dir();
         assert!(dir.join("libcoca_edge.a").exists(), "no libcoca_edge.a in {}", dir.display());
         let out = Command::new("sh").arg(root().join("examples/c/build.sh")).arg(&dir).output().expect("sh runs");
         assert!(out.status.success(), "examples/c/build.sh failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
