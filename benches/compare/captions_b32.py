@@ -11,7 +11,6 @@ Prints a table of agreement; exits 1 on any difference.
   models/.venv/bin/python benches/compare/captions_b32.py [--model coca_ViT-B-32] [--max-tokens 30]
 """
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -51,8 +50,7 @@ def main():
     model, name = common.torch_model(manifest)
     pre = common.preprocess_for(model)
     coca = common.coca_binary()
-    photos = [p for p in sorted(glob.glob(os.path.join(common.ROOT, "tests", "fixtures", "images", "*")))
-              if p.endswith((".jpg", ".png"))][: args.photos]
+    photos = common.photos()[: args.photos]
 
     def ours(extra):
         out = subprocess.run([coca, "--model", bundle, "--threads", str(args.threads), "caption", "--json",

@@ -43,6 +43,12 @@ def preprocess_for(model):
     return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
 
 
+def photos():
+    """The real photos (JPEG and PNG) of tests/fixtures/images, in name order."""
+    import glob
+    return sorted(p for p in glob.glob(os.path.join(ROOT, "tests", "fixtures", "images", "*")) if p.endswith((".jpg", ".png")))
+
+
 def coca_binary():
     p = os.environ.get("COCA_BIN", os.path.join(ROOT, "target", "release", "coca"))
     if not os.path.exists(p):

@@ -11,7 +11,6 @@ Prints a table; exits 1 on any mismatch.
   models/.venv/bin/python benches/compare/parity_b32.py [--model coca_ViT-B-32] [--bundle DIR]
 """
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -45,8 +44,7 @@ def main():
     preprocess = common.preprocess_for(model)
     coca = common.coca_binary()
 
-    photos = sorted(p for p in glob.glob(os.path.join(common.ROOT, "tests", "fixtures", "images", "*"))
-                    if p.lower().endswith((".jpg", ".png")))
+    photos = common.photos()
     env = dict(os.environ, COCA_CACHE_DIR=tempfile.mkdtemp())
     out = subprocess.run([coca, "--model", bundle, "--threads", str(args.threads), "embed", "--json", *photos],
                          capture_output=True, text=True, env=env)

@@ -9,7 +9,6 @@ capture, Y4M read, YUV conversion, JSON output) relative to the encoder time.
 """
 import argparse
 import datetime
-import glob
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import common
 
 
 def make_clip(path, frames, w=640, h=480):
-    photos = sorted(p for p in glob.glob(os.path.join(common.ROOT, "tests", "fixtures", "images", "*")) if p.endswith((".jpg", ".png")))
+    photos = common.photos()
     with open(path, "wb") as f:
         f.write(f"YUV4MPEG2 W{w} H{h} F30:1 Ip A1:1 C420jpeg\n".encode())
         for i in range(frames):
