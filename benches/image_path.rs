@@ -16,7 +16,7 @@ fn root() -> PathBuf {
 }
 
 fn bench(c: &mut Criterion) {
-    let model = std::env::var_os("COCA_BENCH_MODEL").map(PathBuf::from).unwrap_or_else(|| root().join(coca_edge::DEFAULT_BUNDLE));
+    let model = std::env::var_os("COCA_BENCH_MODEL").map(PathBuf::from).unwrap_or_else(|| root().join(coca_edge::TEST_BUNDLE));
     let threads: usize = std::env::var("COCA_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let opts = PipelineOptions { engine: EngineOptions { threads, ..Default::default() }, ..Default::default() };
     let p = Pipeline::open(&model, opts).expect("bundle opens");

@@ -272,8 +272,8 @@ enum CocaStatus coca_model_embed_dim(const struct CocaModel *model, size_t *out)
 
 /*
  Set the zero-shot labels (`n_labels` UTF-8 strings) and prompt templates (`n_templates`
- strings with one `{}` placeholder each; `templates` null and `n_templates` 0 for open_clip's
- 80 ImageNet templates). Runs the text encoder unless the label cache has this set.
+ strings with one `{}` placeholder each; `templates` null and `n_templates` 0 for the model's
+ own templates, or open_clip's 80 ImageNet templates when it names none). Runs the text encoder unless the label cache has this set.
  */
 enum CocaStatus coca_model_set_labels(struct CocaModel *model,
                                       const char *const *labels,
@@ -322,7 +322,8 @@ enum CocaStatus coca_result_labels(const struct CocaResult *result,
 enum CocaStatus coca_caption_options_default(struct CocaCaptionOptions *out);
 
 /*
- Caption the frame of `result` (from the same encoder pass; `options` null for the defaults)
+ Caption the frame of `result` (from the same encoder pass; `options` null for the model's
+ defaults: open_clip's beam search, or greedy search where the bundle asks for it)
  and copy the NUL-terminated UTF-8 text into `buf` (`cap` bytes). `*needed` (may be null)
  receives the bytes the text needs with its NUL; if `cap` is smaller nothing is written and
  `COCA_STATUS_BUFFER_TOO_SMALL` is returned. Needs a bundle with decoder graphs.

@@ -38,6 +38,26 @@ pub struct Manifest {
     pub decoder: Option<DecoderDims>,
     pub graphs: BTreeMap<String, GraphSpec>,
     pub files: BTreeMap<String, FileSpec>,
+    /// zero-shot defaults of the model (templates it was trained to read)
+    #[serde(default)]
+    pub classify: Option<ClassifySpec>,
+    /// captioning defaults of the model
+    #[serde(default)]
+    pub caption: Option<CaptionSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CaptionSpec {
+    /// the search to use when the user names none: "greedy" or "beam" (open_clip's default)
+    #[serde(default)]
+    pub search: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClassifySpec {
+    /// prompt templates, each with one `{}`; used when the user gives none
+    #[serde(default)]
+    pub templates: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +92,10 @@ pub struct TextSpec {
     /// is the pad id, open_clip's CoCa default) or "none"
     #[serde(default = "default_pad_mask")]
     pub pad_mask: String,
+    /// a restricted vocabulary: model id i is BPE id vocab_map[i] (vocab_size entries; sot,
+    /// eot and pad are model ids then)
+    #[serde(default)]
+    pub vocab_map: Option<Vec<u32>>,
 }
 
 fn default_pad_mask() -> String {

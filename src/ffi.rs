@@ -445,8 +445,8 @@ pub unsafe extern "C" fn coca_model_embed_dim(model: *const CocaModel, out: *mut
 }
 
 /// Set the zero-shot labels (`n_labels` UTF-8 strings) and prompt templates (`n_templates`
-/// strings with one `{}` placeholder each; `templates` null and `n_templates` 0 for open_clip's
-/// 80 ImageNet templates). Runs the text encoder unless the label cache has this set.
+/// strings with one `{}` placeholder each; `templates` null and `n_templates` 0 for the model's
+/// own templates, or open_clip's 80 ImageNet templates when it names none). Runs the text encoder unless the label cache has this set.
 #[no_mangle]
 pub unsafe extern "C" fn coca_model_set_labels(
     model: *mut CocaModel,
@@ -466,12 +466,16 @@ pub unsafe extern "C" fn coca_model_set_labels(
         let labels = str_list(labels, n_labels, "labels")?;
         let labels = classify::parse_label_list_vec(labels)?;
         let templates = if n_templates == 0 && templates.is_null() {
-            Templates::openai_imagenet()
+            None
         } else {
             let t = str_list(templates, n_templates, "templates")?;
-            Templates::parse(&t.join("\n"), "templates")?
+            Some(Templates::parse(&t.join("\n"), "templates")?)
         };
         let mut inner = lock(m)?;
+        let templates = match templates {
+            Some(t) => t,
+            None => inner.pipeline.default_templates()?,
+        };
         let set = inner.pipeline.label_set(&labels, &templates, |_, _| {})?;
         inner.labels = Some(set);
         Ok(())
@@ -599,7 +603,8 @@ pub unsafe extern "C" fn coca_caption_options_default(out: *mut CocaCaptionOptio
     })
 }
 
-/// Caption the frame of `result` (from the same encoder pass; `options` null for the defaults)
+/// Caption the frame of `result` (from the same encoder pass; `options` null for the model's
+/// defaults: open_clip's beam search, or greedy search where the bundle asks for it)
 /// and copy the NUL-terminated UTF-8 text into `buf` (`cap` bytes). `*needed` (may be null)
 /// receives the bytes the text needs with its NUL; if `cap` is smaller nothing is written and
 /// `COCA_STATUS_BUFFER_TOO_SMALL` is returned. Needs a bundle with decoder graphs.
@@ -619,7 +624,7 @@ pub unsafe extern "C" fn coca_model_caption(
     guard(Some(m), || {
         use crate::caption::{CaptionOptions, Search};
         let r = result.as_ref().ok_or_else(|| fail(CocaStatus::NullPointer, "result is null"))?;
-        let mut opts = CaptionOptions::default();
+        let mut opts = if options.is_null() { lock(m)?.pipeline.default_caption_options() } else { CaptionOptions::default() };
         if !options.is_null() {
             let o = &*options;
             if o.struct_size as usize != std::mem::size_of::<CocaCaptionOptions>() {

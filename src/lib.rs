@@ -6,10 +6,10 @@
 //!
 //! ```no_run
 //! use coca_edge::{Pipeline, PipelineOptions, classify::Templates};
-//! let p = Pipeline::open("models/coca-tiny-random", PipelineOptions::with_default_cache())?;
-//! let labels = vec!["a cat".to_string(), "a dog".to_string()];
-//! let set = p.label_set(&labels, &Templates::openai_imagenet(), |_, _| {})?;
-//! let features = p.embed_path("photo.jpg".as_ref())?;
+//! let p = Pipeline::open("models/coca-scenes", PipelineOptions::with_default_cache())?;
+//! let labels = vec!["red circle".to_string(), "blue square".to_string()];
+//! let set = p.label_set(&labels, &p.default_templates()?, |_, _| {})?;
+//! let features = p.embed_path("examples/large_orange_circle_top.jpg".as_ref())?;
 //! for s in p.classify(&features, &set, 5)? {
 //!     println!("{:.3} {}", s.probability, s.label);
 //! }
@@ -49,5 +49,10 @@ pub mod vision;
 pub use error::{Error, Result};
 pub use pipeline::{Pipeline, PipelineOptions};
 
-/// Where the bundle shipped with the repository lives, relative to the repository root.
-pub const DEFAULT_BUNDLE: &str = "models/coca-tiny-random";
+/// The default model shipped with the repository (a tiny CoCa trained on generated scenes,
+/// models/coca-scenes/README.md), relative to the repository root.
+pub const DEFAULT_BUNDLE: &str = "models/coca-scenes";
+
+/// The test bundle: random weights in a tiny CoCa geometry with open_clip's full vocabulary,
+/// the subject of the parity goldens (tests/fixtures/goldens), relative to the repository root.
+pub const TEST_BUNDLE: &str = "models/coca-tiny-random";

@@ -55,7 +55,13 @@ impl Pipeline {
             path: bundle.dir().join(crate::bundle::MANIFEST),
             message: format!("text.clean: {e}"),
         })?;
-        let tokenizer = Tokenizer::from_gz_file(&vocab)?.with_clean(clean);
+        let mut tokenizer = Tokenizer::from_gz_file(&vocab)?.with_clean(clean);
+        if let Some(map) = &m.text.vocab_map {
+            tokenizer = tokenizer.with_vocab_map(map.clone()).map_err(|message| Error::Manifest {
+                path: bundle.dir().join(crate::bundle::MANIFEST),
+                message: format!("text.vocab_map: {message}"),
+            })?;
+        }
         if tokenizer.vocab_size() != m.text.vocab_size || tokenizer.sot() != m.text.sot || tokenizer.eot() != m.text.eot {
             return Err(Error::Vocab {
                 what: vocab.display().to_string(),
@@ -127,6 +133,47 @@ impl Pipeline {
         self.image.run(chw)
     }
 
+    /// The prompt templates of the bundle (`classify.templates` in its manifest), or open_clip's
+    /// ImageNet templates for bundles that name none.
+    pub fn default_templates(&self) -> Result<Templates> {
+        match self.bundle.manifest().classify.as_ref().and_then(|c| c.templates.as_ref()) {
+            Some(t) => Templates::parse(&t.join("\n"), &format!("{} classify.templates", crate::bundle::MANIFEST)),
+            None => Ok(Templates::openai_imagenet()),
+        }
+    }
+
+    /// The caption options to use when the caller gives none: open_clip's generate() defaults
+    /// (beam search), or greedy search for a model whose manifest asks for it (`caption.search`:
+    /// a model trained on several phrasings, where beam search favours the generic ones).
+    pub fn default_caption_options(&self) -> CaptionOptions {
+        let mut o = CaptionOptions::default();
+        if self.bundle.manifest().caption.as_ref().and_then(|c| c.search.as_deref()) == Some("greedy") {
+            o.search = crate::caption::Search::Greedy;
+        }
+        o
+    }
+
+    /// An error naming the words of `text` that the model's restricted vocabulary cannot
+    /// spell (`what` names the text); Ok for bundles with the full BPE vocabulary.
+    pub fn check_vocabulary(&self, text: &str, what: &str) -> Result<()> {
+        let unknown = self.tokenizer.unknown_words(text);
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        // the pad id is in the vocabulary map but is no word
+        let pad = self.tokenizer.decode(&[self.bundle.manifest().text.pad]).trim().to_string();
+        let known: Vec<String> = self.tokenizer.known_words().unwrap_or_default().into_iter().filter(|w| *w != pad).collect();
+        Err(Error::Labels {
+            what: what.to_string(),
+            message: format!(
+                "'{}' is not in the vocabulary of model '{}', which knows only these words and word pieces: {}",
+                unknown.join("', '"),
+                self.bundle.manifest().name,
+                known.join(" ")
+            ),
+        })
+    }
+
     /// Token ids for `texts`, `texts.len() x context_length`.
     pub fn tokenize(&self, texts: &[String]) -> Vec<i64> {
         let ctx = self.bundle.manifest().text.context_length;
@@ -136,6 +183,9 @@ impl Pipeline {
     /// L2-normalised text embeddings, one `embed_dim` vector per text.
     pub fn embed_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let d = self.bundle.manifest().dims.embed_dim;
+        for t in texts {
+            self.check_vocabulary(t, &format!("text '{t}'"))?;
+        }
         let flat = self.text_encoder()?.run(&self.tokenize(texts), |_, _| {})?;
         Ok(flat.chunks(d).map(|c| c.to_vec()).collect())
     }
@@ -144,6 +194,16 @@ impl Pipeline {
     /// `progress(done, total)` is called as prompts are encoded.
     pub fn label_set(&self, labels: &[String], templates: &Templates, mut progress: impl FnMut(usize, usize)) -> Result<LabelSet> {
         let d = self.bundle.manifest().dims.embed_dim;
+        if self.tokenizer.is_restricted() {
+            for l in labels {
+                self.check_vocabulary(l, &format!("label '{l}'"))?;
+            }
+            for (j, t) in templates.as_slice().iter().enumerate() {
+                for l in labels {
+                    self.check_vocabulary(&templates.fill(j, l), &format!("template '{t}' (with label '{l}')"))?;
+                }
+            }
+        }
         let cache = self.opts.cache_dir.as_ref().map(LabelCache::new);
         let key = LabelCache::key(self.bundle.id(), &self.opts.engine.precision, labels, templates);
         if let Some(set) = cache.as_ref().and_then(|c| c.get(self.bundle.id(), &key, labels, d)) {

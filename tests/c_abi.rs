@@ -96,7 +96,7 @@ fn c_example_classifies_like_the_rust_api() {
     let tmp = tempfile::tempdir().unwrap();
     let frame = tmp.path().join("frame.rgb");
     std::fs::write(&frame, &rgb).unwrap();
-    let bundle = root().join(coca_edge::DEFAULT_BUNDLE);
+    let bundle = root().join(coca_edge::TEST_BUNDLE);
     let labels = ["cat", "dog", "car", "person"];
     let out = Command::new(dir.join("coca_classify_c"))
         .arg(&bundle)
@@ -138,7 +138,7 @@ fn c_example_reports_a_bad_bundle_on_one_line() {
 fn run_misuse(wrapper: Option<&[&str]>) -> std::process::Output {
     let dir = built();
     let exe = dir.join("coca_abi_misuse_c");
-    let bundle = root().join(coca_edge::DEFAULT_BUNDLE);
+    let bundle = root().join(coca_edge::TEST_BUNDLE);
     let mut cmd = match wrapper {
         Some(w) => {
             let mut c = Command::new(w[0]);

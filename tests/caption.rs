@@ -6,8 +6,9 @@
 //! committed goldens have no such step (smallest margin is recorded in the goldens), so every
 //! greedy sequence must match exactly. Beam search is compared exactly.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 use coca_edge::caption::{CaptionOptions, Search};
 use coca_edge::{Pipeline, PipelineOptions};
@@ -30,7 +31,7 @@ fn ids(v: &Value) -> Vec<u32> {
 #[test]
 fn greedy_and_beam_captions_match_open_clip_generate() {
     let g = goldens();
-    let p = Pipeline::open(root().join(coca_edge::DEFAULT_BUNDLE), PipelineOptions::default()).unwrap();
+    let p = Pipeline::open(root().join(coca_edge::TEST_BUNDLE), PipelineOptions::default()).unwrap();
     let cases = g["captions"].as_array().unwrap();
     assert!(cases.len() >= 6);
     let mut failures = Vec::new();
@@ -68,7 +69,7 @@ fn greedy_and_beam_captions_match_open_clip_generate() {
 
 #[test]
 fn sampling_is_reproducible_with_a_seed() {
-    let p = Pipeline::open(root().join(coca_edge::DEFAULT_BUNDLE), PipelineOptions::default()).unwrap();
+    let p = Pipeline::open(root().join(coca_edge::TEST_BUNDLE), PipelineOptions::default()).unwrap();
     let f = p.embed_path(&root().join("tests/fixtures/images/chelsea.png")).unwrap();
     let o = CaptionOptions { search: Search::TopK { k: 20 }, seed: 7, ..Default::default() };
     let a = p.caption(&f, &o, |_, _| {}).unwrap();
@@ -82,7 +83,7 @@ fn sampling_is_reproducible_with_a_seed() {
 
 fn coca(args: &[&str]) -> std::process::Output {
     let cache = tempfile::tempdir().unwrap();
-    Command::new(env!("CARGO_BIN_EXE_coca")).args(args).env_remove("COCA_MODEL").env("COCA_CACHE_DIR", cache.path()).output().unwrap()
+    common::coca_command().args(args).env("COCA_CACHE_DIR", cache.path()).output().unwrap()
 }
 
 fn assert_one_line_error(out: &std::process::Output, needle: &str) {
@@ -114,7 +115,7 @@ fn a_bundle_without_decoder_graphs_cannot_caption() {
     let tmp = tempfile::tempdir().unwrap();
     let b = tmp.path().join("b");
     std::fs::create_dir(&b).unwrap();
-    for e in std::fs::read_dir(root().join(coca_edge::DEFAULT_BUNDLE)).unwrap() {
+    for e in std::fs::read_dir(root().join(coca_edge::TEST_BUNDLE)).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), b.join(e.file_name())).unwrap();
     }
@@ -136,7 +137,7 @@ fn a_bundle_without_decoder_graphs_cannot_caption() {
 fn describe_gives_labels_caption_and_timings_from_one_pass() {
     let img = root().join("tests/fixtures/images/chelsea.png");
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_coca"))
+    let out = common::coca_command()
         .args(["describe", img.to_str().unwrap(), "--labels", "cat,dog", "--json", "--sampling", "greedy"])
         .env("COCA_CACHE_DIR", tmp.path())
         .output()

@@ -1,14 +1,16 @@
 //! The real `coca` binary: the main job works, and every bad input is one line on stderr and
 //! exit code 2, never a panic.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 fn bundle() -> PathBuf {
-    root().join(coca_edge::DEFAULT_BUNDLE)
+    root().join(coca_edge::TEST_BUNDLE)
 }
 fn image(name: &str) -> PathBuf {
     root().join("tests/fixtures/images").join(name)
@@ -18,8 +20,8 @@ fn bad(name: &str) -> PathBuf {
 }
 
 fn coca(args: &[&dyn AsRef<std::ffi::OsStr>], cache: &Path) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_coca"));
-    c.env("COCA_CACHE_DIR", cache).env_remove("COCA_MODEL").env_remove("COCA_LOG");
+    let mut c = common::coca_command();
+    c.env("COCA_CACHE_DIR", cache);
     for a in args {
         c.arg(a.as_ref());
     }
@@ -301,4 +303,29 @@ fn board_profiles_set_defaults_and_unknown_boards_are_refused() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["threads"], 1, "explicit --threads wins over the board");
     assert_one_line_error(&coca(&[&"--board", &"toaster", &"info"], tmp.path()), "unknown board 'toaster'");
+}
+
+#[test]
+fn info_names_the_kernels_tract_picked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"info", &"--json"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let k = v["kernels"]["matmul_f32"].as_str().expect("an f32 matmul kernel").to_string();
+    eprintln!("tract ISA {} ({}), f32 matmul kernel {k}", v["kernels"]["level"], v["kernels"]["isa"]);
+    assert!(!k.starts_with("generic"), "portable fallback kernel in use: {k}");
+    if cfg!(target_arch = "aarch64") {
+        // a Raspberry Pi 4 or 5 (QEMU_CPU cortex-a72 / cortex-a76 under emulation) has NEON and
+        // no SVE: tract must pick its hand-written NEON kernels
+        assert!(k.starts_with("arm64simd_") || k.starts_with("arm64fp16_"), "not a NEON kernel: {k}");
+        if let Ok(cpu) = std::env::var("QEMU_CPU") {
+            if cpu == "cortex-a76" {
+                assert_eq!(v["kernels"]["level"], "fp16", "cortex-a76 has fp16 arithmetic");
+                assert!(v["kernels"]["matmul_f16"].as_str().unwrap_or("").starts_with("arm64fp16_"), "{v}");
+            }
+            if cpu == "cortex-a72" {
+                assert_eq!(v["kernels"]["level"], "neon", "cortex-a72 has no fp16 arithmetic");
+            }
+        }
+    }
 }

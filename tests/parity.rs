@@ -25,7 +25,7 @@ fn goldens() -> Value {
 
 fn pipeline() -> Pipeline {
     // no label cache: every run recomputes from the graphs
-    Pipeline::open(root().join(coca_edge::DEFAULT_BUNDLE), PipelineOptions::default()).expect("test bundle opens")
+    Pipeline::open(root().join(coca_edge::TEST_BUNDLE), PipelineOptions::default()).expect("test bundle opens")
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -44,7 +44,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn goldens_were_made_for_the_committed_bundle() {
     let g = goldens();
-    let m: Value = serde_json::from_slice(&std::fs::read(root().join(coca_edge::DEFAULT_BUNDLE).join("coca.json")).unwrap()).unwrap();
+    let m: Value = serde_json::from_slice(&std::fs::read(root().join(coca_edge::TEST_BUNDLE).join("coca.json")).unwrap()).unwrap();
     for (name, sha) in g["bundle_files"].as_object().unwrap() {
         assert_eq!(&m["files"][name]["sha256"], sha, "{name} changed since the goldens were made: rerun make_goldens.py");
     }

@@ -2,9 +2,11 @@
 //! queues them), every-frame mode drops none, bad frames are counted and skipped, captions come
 //! every N frames or on change; the CLI prints schema-1 JSON lines for files, Y4M and raw pipes.
 
+mod common;
+
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -50,7 +52,7 @@ impl FrameSource for Fake {
 }
 
 fn pipeline() -> Pipeline {
-    Pipeline::open(root().join(coca_edge::DEFAULT_BUNDLE), PipelineOptions::default()).unwrap()
+    Pipeline::open(root().join(coca_edge::TEST_BUNDLE), PipelineOptions::default()).unwrap()
 }
 
 #[test]
@@ -137,8 +139,8 @@ fn shutdown_stops_a_live_source() {
 
 fn coca_stream(args: &[&str], stdin: Option<Vec<u8>>) -> (i32, String, String) {
     let cache = tempfile::tempdir().unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_coca"));
-    c.arg("stream").args(args).env("COCA_CACHE_DIR", cache.path()).env_remove("COCA_MODEL");
+    let mut c = common::coca_command();
+    c.arg("stream").args(args).env("COCA_CACHE_DIR", cache.path());
     c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut pipe = child.stdin.take().unwrap();

@@ -279,6 +279,48 @@ def _pooler_forward_batch_dependent(self, x):
     return self.attn(q, x, x, need_weights=False)[0]
 
 
+def checkpoint_meta(path):
+    """coca-edge's own metadata stored beside a state_dict (models/train/train.py writes it):
+    a restricted vocabulary (vocab_map: model id -> BPE id, and sot/eot/pad as model ids) and
+    the prompt templates the model was trained to read. {} for plain checkpoints."""
+    if not path or not os.path.isfile(path):
+        return {}
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ck.get("coca_edge", {}) if isinstance(ck, dict) else {}
+    if meta.get("vocab_map") is not None:
+        vm = meta["vocab_map"]
+        if len(set(vm)) != len(vm) or vm[meta["sot"]] != 49406 or vm[meta["eot"]] != 49407 or vm[meta["pad"]] != 0:
+            raise SystemExit(f"error: {path}: inconsistent vocab_map / sot / eot / pad")
+    return meta
+
+
+class ModelTokenizer:
+    """open_clip's tokenizer speaking the model's ids (a restricted vocabulary maps BPE ids;
+    BPE tokens outside it are dropped: verification texts only)."""
+
+    def __init__(self, tokenizer, meta):
+        self.tok = tokenizer
+        self.map = meta.get("vocab_map")
+        if self.map is None:
+            self.sot, self.eot, self.vocab_size = tokenizer.sot_token_id, tokenizer.eot_token_id, tokenizer.vocab_size
+        else:
+            self.inv = {b: i for i, b in enumerate(self.map)}
+            self.sot, self.eot, self.vocab_size = meta["sot"], meta["eot"], len(self.map)
+
+    def ids(self, bpe_ids):
+        return list(bpe_ids) if self.map is None else [self.inv[b] for b in bpe_ids if b in self.inv]
+
+    def __call__(self, texts):
+        rows = self.tok(texts)
+        if self.map is None:
+            return rows
+        out = torch.zeros_like(rows)
+        for i, row in enumerate(rows.tolist()):
+            ids = self.ids([b for b in row if b != 0])
+            out[i, :len(ids)] = torch.tensor(ids, dtype=out.dtype)
+        return out
+
+
 def export_graph(module, args_tuple, path, input_names, output_names, dynamic_axes, opset):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -325,6 +367,10 @@ def main(argv=None):
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
     ap.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    ap.add_argument("--caption-search", choices=["beam", "greedy"], default=None,
+                    help="the model's default caption search, when the user names none (default: the "
+                         "runtime's, open_clip's beam search); greedy suits models trained on several "
+                         "phrasings, where beam search favours the generic ones")
     args = ap.parse_args(argv)
     if args.random_init and (args.pretrained or args.checkpoint):
         ap.error("--random-init excludes --pretrained/--checkpoint")
@@ -334,6 +380,7 @@ def main(argv=None):
     t0 = time.time()
 
     model, cfg, name, source = build_model(args)
+    meta = checkpoint_meta(args.checkpoint)
     out = args.out
     if os.path.isdir(out) and os.listdir(out) and not args.force:
         raise SystemExit(f"error: {out} exists and is not empty (use --force)")
@@ -344,7 +391,7 @@ def main(argv=None):
     size = size if isinstance(size, int) else size[0]
     embed_dim = cfg["embed_dim"]
     ctx = model.text.context_length if hasattr(model.text, "context_length") else cfg["text_cfg"]["context_length"]
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = ModelTokenizer(open_clip.get_tokenizer(name), meta)
     with torch.no_grad():
         _, probe_tokens = model.visual(torch.zeros(1, 3, size, size))
     n_tokens, token_dim = int(probe_tokens.shape[1]), int(probe_tokens.shape[2])
@@ -400,7 +447,7 @@ def main(argv=None):
     ex_cross = cross(ex_tokens)
     g = torch.Generator().manual_seed(3)
     ex_b, ex_s, ex_p = 2, 3, 5
-    ex_ids = torch.randint(1, 49406, (ex_b, ex_s), generator=g)
+    ex_ids = torch.randint(1, tokenizer.vocab_size - 2, (ex_b, ex_s), generator=g)
     ex_mask = torch.zeros(ex_b, ex_p + ex_s)
     ex_kv = torch.randn(n_self, 2, ex_b, n_heads, ex_p, head_dim, generator=g)
     log("exporting decoder_step ...")
@@ -427,7 +474,9 @@ def main(argv=None):
         # id 0 inside the text so the legacy pad mask is exercised
         x1 = x[:1]
         lat, embs = model._encode_image(x1)
-        seq = torch.tensor([[tokenizer.sot_token_id, 320, 1929, 0, 539, 320, 2533, 269]])
+        # "a cat<pad>of a dog." (BPE ids), or in a restricted vocabulary its ids 1..7 in turn
+        body = [320, 1929, 0, 539, 320, 2533, 269] if tokenizer.map is None else [1, 2, 0, 3, 4, 5, 6]
+        seq = torch.tensor([[tokenizer.sot] + [b % (tokenizer.vocab_size - 2) for b in body]])
         full = model(x1, seq, image_latent=lat, image_embs=embs, output_labels=False)["logits"][:, -1]
         ckv = cross(embs)
         kv = torch.zeros(n_self, 2, 1, n_heads, 0, head_dim)
@@ -480,11 +529,12 @@ def main(argv=None):
             "vocab": VOCAB_NAME,
             "context_length": int(ctx),
             "vocab_size": int(tokenizer.vocab_size),
-            "sot": int(tokenizer.sot_token_id),
-            "eot": int(tokenizer.eot_token_id),
+            "sot": int(tokenizer.sot),
+            "eot": int(tokenizer.eot),
             "pad": int(getattr(model, "pad_id", 0)),
             "clean": "lower",
             "pad_mask": pad_mask,
+            **({"vocab_map": [int(b) for b in tokenizer.map]} if tokenizer.map is not None else {}),
         },
         "decoder": {
             "self_layers": n_self,
@@ -531,6 +581,10 @@ def main(argv=None):
         "verify": verify,
         "files": files,
     }
+    if meta.get("templates"):
+        manifest["classify"] = {"templates": list(meta["templates"])}
+    if args.caption_search:
+        manifest["caption"] = {"search": args.caption_search}
     with open(os.path.join(out, "coca.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")

@@ -90,9 +90,9 @@ struct StreamArgs {
 
 #[derive(Args, Debug, Clone)]
 struct CaptionOpts {
-    /// Search: greedy, beam, top-k or top-p
-    #[arg(long, default_value = "beam", value_parser = ["greedy", "beam", "top-k", "top-p"])]
-    sampling: String,
+    /// Search: greedy, beam, top-k or top-p [default: the model's, else beam]
+    #[arg(long, value_parser = ["greedy", "beam", "top-k", "top-p"])]
+    sampling: Option<String>,
     /// Beams (beam search)
     #[arg(long, default_value_t = 6)]
     beams: usize,
@@ -123,13 +123,19 @@ struct CaptionOpts {
 }
 
 impl CaptionOpts {
-    fn to_options(&self) -> coca_edge::caption::CaptionOptions {
+    /// The options asked for; without --sampling, the model's default search
+    /// ([`Pipeline::default_caption_options`]).
+    fn to_options(&self, p: &Pipeline) -> coca_edge::caption::CaptionOptions {
         use coca_edge::caption::{CaptionOptions, Search};
-        let search = match self.sampling.as_str() {
-            "greedy" => Search::Greedy,
-            "top-k" => Search::TopK { k: self.top_k },
-            "top-p" => Search::TopP { p: self.top_p },
-            _ => Search::Beam { beams: self.beams, groups: self.beam_groups },
+        let search = match self.sampling.as_deref() {
+            Some("greedy") => Search::Greedy,
+            Some("top-k") => Search::TopK { k: self.top_k },
+            Some("top-p") => Search::TopP { p: self.top_p },
+            Some(_) => Search::Beam { beams: self.beams, groups: self.beam_groups },
+            None => match p.default_caption_options().search {
+                Search::Greedy => Search::Greedy,
+                _ => Search::Beam { beams: self.beams, groups: self.beam_groups },
+            },
         };
         CaptionOptions {
             search,
@@ -212,22 +218,23 @@ struct LabelArgs {
     /// UTF-8 file with one label per line
     #[arg(long, value_name = "FILE")]
     labels_file: Option<PathBuf>,
-    /// Prompt templates, one per line with a {} placeholder (default: open_clip's 80 ImageNet templates)
+    /// Prompt templates, one per line with a {} placeholder (default: the model's own, else open_clip's 80 ImageNet templates)
     #[arg(long, value_name = "FILE")]
     templates: Option<PathBuf>,
 }
 
 impl LabelArgs {
     /// The checked labels and templates (before any model is loaded).
-    fn load(&self) -> Result<(Vec<String>, Templates)> {
+    /// `None` templates: the model's defaults ([`Pipeline::default_templates`]).
+    fn load(&self) -> Result<(Vec<String>, Option<Templates>)> {
         let labels = match (&self.labels, &self.labels_file) {
             (Some(list), _) => classify::parse_label_list(list)?,
             (None, Some(f)) => classify::read_label_file(f)?,
             (None, None) => anyhow::bail!("give --labels or --labels-file"),
         };
         let templates = match &self.templates {
-            Some(f) => Templates::from_file(f)?,
-            None => Templates::openai_imagenet(),
+            Some(f) => Some(Templates::from_file(f)?),
+            None => None,
         };
         Ok((labels, templates))
     }
@@ -388,7 +395,7 @@ fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
     }
     let p = open_pipeline(g, !a.no_cache)?;
     let show_progress = std::io::stderr().is_terminal() && !g.quiet;
-    let set = p.label_set(&labels, &templates, |done, total| {
+    let set = p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |done, total| {
         if show_progress {
             eprint!("\rencoding label prompts {done}/{total}");
             if done == total {
@@ -467,6 +474,8 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
             })
         })
         .collect();
+    // the kernel tract picks for a product the size of the model's linear layers
+    let kernels = model::kernel_report(m.dims.token_dim, m.dims.token_dim, 64);
     let info = serde_json::json!({
         "bundle": b.dir().display().to_string(),
         "name": m.name,
@@ -487,6 +496,7 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         })),
         "cpu": std::env::consts::ARCH,
         "cpu_features": model::cpu_features(),
+        "kernels": kernels,
         "coca_edge_version": env!("CARGO_PKG_VERSION"),
         "graphs": graphs,
     });
@@ -501,6 +511,14 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         writeln!(out, "precision     {}", opts.precision)?;
         writeln!(out, "threads       {}", opts.effective_threads())?;
         writeln!(out, "cpu           {} [{}]", std::env::consts::ARCH, model::cpu_features().join(" "))?;
+        writeln!(
+            out,
+            "kernels       tract ISA {} ({}), matmul f32 {}, f16 {}",
+            kernels.level,
+            kernels.isa,
+            kernels.matmul_f32.as_deref().unwrap_or("none"),
+            kernels.matmul_f16.as_deref().unwrap_or("none")
+        )?;
         writeln!(out, "load          image_encoder {:.2?}", p.image_encoder().graph().load_time())?;
         match &m.decoder {
             Some(d) => writeln!(
@@ -610,8 +628,8 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
 }
 
 fn caption_cmd(g: &Global, a: CaptionArgs) -> Result<ExitCode> {
-    let opts = a.opts.to_options();
     let p = open_pipeline(g, true)?;
+    let opts = a.opts.to_options(&p);
     let decoder = p.decoder()?;
     opts.validate(decoder.dims().max_positions)?;
     let mut out = std::io::stdout().lock();
@@ -637,10 +655,10 @@ fn caption_cmd(g: &Global, a: CaptionArgs) -> Result<ExitCode> {
 
 fn describe_cmd(g: &Global, a: DescribeArgs) -> Result<ExitCode> {
     let (labels, templates) = a.labels.load()?;
-    let opts = a.opts.to_options();
     let p = open_pipeline(g, true)?;
+    let opts = a.opts.to_options(&p);
     opts.validate(p.decoder()?.dims().max_positions)?;
-    let set = p.label_set(&labels, &templates, |_, _| {})?;
+    let set = p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |_, _| {})?;
     let limits = p.options().limits;
     let mut out = std::io::stdout().lock();
     let mut failed = false;
@@ -737,12 +755,12 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     }
     let p = open_pipeline(g, true)?;
     let source = coca_edge::source::open_source(&a.input, raw, p.options().limits)?;
-    let set = p.label_set(&labels, &templates, |_, _| {})?;
+    let set = p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |_, _| {})?;
     let opts = StreamOptions {
         every_frame: a.every_frame,
         caption_every: a.caption_every,
         caption_on_change: a.caption_on_change,
-        caption: a.opts.to_options(),
+        caption: a.opts.to_options(&p),
         top_k: a.top,
         max_frames: a.max_frames,
     };

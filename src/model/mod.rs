@@ -558,3 +558,23 @@ pub fn cpu_features() -> Vec<&'static str> {
     }
     v
 }
+
+/// What tract's kernel selection sees on this machine: its ISA set (after any `TRACT_CPU_ISA`
+/// override), the rung's nickname, and the matrix-multiply kernel it prefers for an f32 and an
+/// f16 product of a transformer-like shape (`m x k` weights times `k x n` activations). On
+/// aarch64 a NEON kernel is named `arm64simd_*`, an fp16 one `arm64fp16_*`; `generic_*` is the
+/// portable fallback.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelReport {
+    pub isa: String,
+    pub level: String,
+    pub matmul_f32: Option<String>,
+    pub matmul_f16: Option<String>,
+}
+
+pub fn kernel_report(m: usize, k: usize, n: usize) -> KernelReport {
+    let isa = tract_linalg::isa::native();
+    let dispatch = tract_linalg::MmmDispatch::native();
+    let name = |dt: DatumType| dispatch.preferred_kernel(dt, Some(m), Some(k), Some(n)).map(|kern| kern.name().to_string());
+    KernelReport { isa: format!("{isa:?}"), level: isa.nickname().to_string(), matmul_f32: name(DatumType::F32), matmul_f16: name(DatumType::F16) }
+}

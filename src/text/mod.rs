@@ -132,6 +132,16 @@ pub struct Tokenizer {
     eot: u32,
     clean: Clean,
     cache: Mutex<HashMap<String, Vec<u32>>>,
+    /// A restricted vocabulary (see [`Tokenizer::with_vocab_map`]).
+    map: Option<VocabMap>,
+}
+
+/// A model whose embedding and output projection cover only some BPE tokens: model id `i`
+/// stands for BPE id `to_bpe[i]`.
+#[derive(Debug, Clone)]
+struct VocabMap {
+    to_bpe: Vec<u32>,
+    to_model: HashMap<u32, u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -280,7 +290,72 @@ impl Tokenizer {
             eot: encoder[EOT_TEXT],
             clean: Clean::Lower,
             cache: Mutex::new(HashMap::new()),
+            map: None,
         })
+    }
+
+    /// Restrict the tokenizer to a model vocabulary: model id `i` is BPE id `to_bpe[i]`.
+    /// [`Tokenizer::encode`], [`Tokenizer::tokenize`], [`Tokenizer::sot`], [`Tokenizer::eot`],
+    /// [`Tokenizer::vocab_size`] and [`Tokenizer::decode`] then speak model ids; BPE tokens
+    /// outside the map are left out of `encode` (check texts first with
+    /// [`Tokenizer::unknown_words`]). The map must hold distinct BPE ids, among them
+    /// `<start_of_text>` and `<end_of_text>`.
+    pub fn with_vocab_map(mut self, to_bpe: Vec<u32>) -> std::result::Result<Self, String> {
+        let n = self.decoder.len();
+        let mut to_model = HashMap::with_capacity(to_bpe.len());
+        for (i, &b) in to_bpe.iter().enumerate() {
+            if b as usize >= n {
+                return Err(format!("vocab_map[{i}] = {b} is not a BPE id (the vocabulary has {n})"));
+            }
+            if to_model.insert(b, i as u32).is_some() {
+                return Err(format!("vocab_map lists BPE id {b} twice"));
+            }
+        }
+        for (name, id) in [("<start_of_text>", self.sot), ("<end_of_text>", self.eot)] {
+            if !to_model.contains_key(&id) {
+                return Err(format!("vocab_map has no {name} (BPE id {id})"));
+            }
+        }
+        self.map = Some(VocabMap { to_bpe, to_model });
+        Ok(self)
+    }
+
+    /// Whether a restricted vocabulary is in use.
+    pub fn is_restricted(&self) -> bool {
+        self.map.is_some()
+    }
+
+    /// The words of `text` (after cleaning) that the model's vocabulary cannot spell: empty
+    /// for the full BPE vocabulary.
+    pub fn unknown_words(&self, text: &str) -> Vec<String> {
+        let Some(map) = &self.map else {
+            return Vec::new();
+        };
+        let cleaned = self.clean.apply(text);
+        let mut out: Vec<String> = Vec::new();
+        for m in token_regex().find_iter(&cleaned) {
+            let token = m.as_str();
+            if token == SOT_TEXT || token == EOT_TEXT {
+                continue;
+            }
+            if self.bpe(token.as_bytes()).iter().any(|b| !map.to_model.contains_key(b)) && !out.iter().any(|w| w == token) {
+                out.push(token.to_string());
+            }
+        }
+        out
+    }
+
+    /// The words the model's vocabulary holds whole (`None` for the full BPE vocabulary).
+    pub fn known_words(&self) -> Option<Vec<String>> {
+        let map = self.map.as_ref()?;
+        let mut v: Vec<String> = map
+            .to_bpe
+            .iter()
+            .filter(|&&b| b != self.sot && b != self.eot)
+            .map(|&b| String::from_utf8_lossy(&self.decoder[b as usize]).replace("</w>", ""))
+            .collect();
+        v.sort();
+        Some(v)
     }
 
     /// Use another clean function (the default is [`Clean::Lower`], as for CoCa).
@@ -294,19 +369,26 @@ impl Tokenizer {
         self.clean
     }
 
-    /// Id of `<start_of_text>` (49406).
+    /// Id of `<start_of_text>` (49406 in the full vocabulary).
     pub fn sot(&self) -> u32 {
-        self.sot
+        self.model_id(self.sot)
     }
 
-    /// Id of `<end_of_text>` (49407).
+    /// Id of `<end_of_text>` (49407 in the full vocabulary).
     pub fn eot(&self) -> u32 {
-        self.eot
+        self.model_id(self.eot)
     }
 
-    /// Number of ids (49408).
+    /// Number of ids (49408 in the full vocabulary).
     pub fn vocab_size(&self) -> usize {
-        self.decoder.len()
+        self.map.as_ref().map_or(self.decoder.len(), |m| m.to_bpe.len())
+    }
+
+    fn model_id(&self, bpe: u32) -> u32 {
+        match &self.map {
+            None => bpe,
+            Some(m) => m.to_model[&bpe],
+        }
     }
 
     /// BPE of one pre-token (its UTF-8 bytes, not empty).
@@ -346,8 +428,17 @@ impl Tokenizer {
     }
 
     /// Token ids of `text`, cleaned with [`Tokenizer::clean`], without `<start_of_text>` /
-    /// `<end_of_text>` (Python's `SimpleTokenizer.encode`).
+    /// `<end_of_text>` (Python's `SimpleTokenizer.encode`). With a vocabulary map: model ids,
+    /// BPE tokens outside the map left out.
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        let bpe = self.encode_bpe(text);
+        match &self.map {
+            None => bpe,
+            Some(m) => bpe.iter().filter_map(|b| m.to_model.get(b).copied()).collect(),
+        }
+    }
+
+    fn encode_bpe(&self, text: &str) -> Vec<u32> {
         let cleaned = self.clean.apply(text);
         let mut out = Vec::with_capacity(cleaned.len() / 3 + 1);
         // A poisoned cache is still a valid cache; a contended one is skipped.
@@ -386,13 +477,13 @@ impl Tokenizer {
     pub fn tokenize(&self, text: &str, context_length: usize) -> Vec<i64> {
         let ids = self.encode(text);
         let mut row = Vec::with_capacity(context_length.max(ids.len() + 2));
-        row.push(i64::from(self.sot));
+        row.push(i64::from(self.sot()));
         row.extend(ids.iter().map(|&i| i64::from(i)));
-        row.push(i64::from(self.eot));
+        row.push(i64::from(self.eot()));
         if row.len() > context_length {
             row.truncate(context_length);
             if let Some(last) = row.last_mut() {
-                *last = i64::from(self.eot);
+                *last = i64::from(self.eot());
             }
         }
         row.resize(context_length, 0);
@@ -412,11 +503,16 @@ impl Tokenizer {
     /// Text of `ids`, as Python's `SimpleTokenizer.decode`: the bytes of every symbol, read as
     /// UTF-8 with U+FFFD for invalid sequences, then every `</w>` replaced by a space. Special
     /// ids decode to `<start_of_text>` / `<end_of_text>`; ids outside the vocabulary (such as
-    /// padding beyond it) are skipped, where Python raises `KeyError`.
+    /// padding beyond it) are skipped, where Python raises `KeyError`. With a vocabulary map,
+    /// `ids` are model ids.
     pub fn decode(&self, ids: &[u32]) -> String {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         for &id in ids {
-            if let Some(sym) = self.decoder.get(id as usize) {
+            let id = match &self.map {
+                None => Some(id),
+                Some(m) => m.to_bpe.get(id as usize).copied(),
+            };
+            if let Some(sym) = id.and_then(|id| self.decoder.get(id as usize)) {
                 bytes.extend_from_slice(sym);
             }
         }
