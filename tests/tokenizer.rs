@@ -234,3 +234,39 @@ fn known_differences_are_only_reported() {
         );
     }
 }
+
+/// A restricted vocabulary (the default model's `text.vocab_map`): ids are model ids, the
+/// round trip holds, and words outside it are named. The map and the model ids of the texts
+/// below come from models/train/train.py's CompactVocab over open_clip's tokenizer.
+#[test]
+fn restricted_vocabulary_maps_ids_both_ways() {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/coca-scenes/coca.json")).unwrap()).unwrap();
+    let map: Vec<u32> = manifest["text"]["vocab_map"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let t = load().with_vocab_map(map.clone()).unwrap();
+    assert!(t.is_restricted());
+    assert_eq!(t.vocab_size(), map.len());
+    assert_eq!((t.sot() as usize, t.eot() as usize), (map.len() - 2, map.len() - 1));
+    let full = tokenizer();
+    for (text, decoded) in [
+        ("a large red circle on the left", "a large red circle on the left"),
+        ("there are three small black diamonds near the top", "there are three small black diamonds near the top"),
+        ("a photo of two shapes.", "a photo of two shapes ."),
+    ] {
+        let ids = t.encode(text);
+        // every model id stands for the BPE id the full tokenizer gives
+        assert_eq!(ids.iter().map(|&i| map[i as usize]).collect::<Vec<_>>(), full.encode(text), "{text}");
+        assert!(ids.iter().all(|&i| (i as usize) < map.len()));
+        assert_eq!(t.decode(&ids).trim(), decoded);
+        assert!(t.unknown_words(text).is_empty());
+        let row = t.tokenize(text, 32);
+        assert_eq!(row[0], i64::from(t.sot()));
+        assert_eq!(row[ids.len() + 1], i64::from(t.eot()));
+    }
+    assert_eq!(t.unknown_words("a red dog and a Cat"), vec!["dog", "and", "cat"]);
+    assert!(full.unknown_words("a red dog").is_empty(), "the full vocabulary knows every word");
+    // a bad map is refused
+    assert!(load().with_vocab_map(vec![0, 320, 320, 49406, 49407]).unwrap_err().contains("twice"));
+    assert!(load().with_vocab_map(vec![0, 320, 49406]).unwrap_err().contains("<end_of_text>"));
+    assert!(load().with_vocab_map(vec![0, 99999, 49406, 49407]).unwrap_err().contains("99999"));
+}
