@@ -19,7 +19,7 @@ out=dist/coca-edge-aarch64
 rm -rf "$out" && mkdir -p "$out"/{bin,lib/pkgconfig,include,models,boards}
 rel="$CARGO_TARGET_DIR/$TARGET/release"
 cp "$rel/coca" "$out/bin/" && aarch64-linux-gnu-strip "$out/bin/coca"
-cp "$rel/libcoca_edge.a" "$out/lib/"
+cp "$rel/libcoca_edge.a" "$out/lib/" && aarch64-linux-gnu-strip --strip-debug "$out/lib/libcoca_edge.a"
 cp include/coca_edge.h "$out/include/"
 cp -r models/coca-scenes "$out/models/"
 cp boards/*.toml boards/README.md "$out/boards/"
