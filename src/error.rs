@@ -40,6 +40,15 @@ pub enum Error {
     /// The tokenizer vocabulary is unusable.
     #[error("{what}: {message}")]
     Vocab { what: String, message: String },
+    /// A frame source (camera, pipe, file) failed.
+    #[error("{name}: {message}")]
+    Source { name: String, message: String },
+    /// A live source has no frame for now (a timeout, a reconnect under way); not a bad frame.
+    #[error("{name}: {message}")]
+    SourceStalled { name: String, message: String },
+    /// No frame arrived for longer than the watchdog allows.
+    #[error("{name}: no frame for {seconds:.1} s (watchdog); exiting so a supervisor can restart")]
+    Watchdog { name: String, seconds: f64 },
     /// A caller passed an argument outside what the API accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

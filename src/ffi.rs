@@ -186,6 +186,8 @@ fn status_of(e: &Error) -> CocaStatus {
         Error::Image { .. } => CocaStatus::Image,
         Error::Labels { .. } => CocaStatus::Labels,
         Error::InvalidArgument(_) => CocaStatus::InvalidArgument,
+        // the C ABI runs on frames the caller passes; sources are the CLI's
+        Error::Source { .. } | Error::SourceStalled { .. } | Error::Watchdog { .. } => CocaStatus::Io,
     }
 }
 

@@ -84,6 +84,24 @@ struct StreamArgs {
     /// Stop after N processed frames
     #[arg(long, value_name = "N")]
     max_frames: Option<u64>,
+    /// Camera pixel formats to try, in order: yuyv, mjpeg, nv12, rgb, bgr [default: all, in that order]
+    #[arg(long, value_name = "LIST")]
+    camera_format: Option<String>,
+    /// Camera resolution to ask for, e.g. 640x480 (the driver may pick the nearest)
+    #[arg(long, value_name = "WxH")]
+    camera_size: Option<String>,
+    /// Camera frame rate to ask for
+    #[arg(long, value_name = "FPS")]
+    camera_fps: Option<u32>,
+    /// Exit non-zero when no frame arrives for this many seconds (for systemd's Restart=)
+    #[arg(long, value_name = "SECONDS")]
+    watchdog: Option<f64>,
+    /// Save annotated frames (labels, caption, FPS) to a .mjpeg file or a folder of JPEGs
+    #[arg(long, value_name = "PATH")]
+    save: Option<std::path::PathBuf>,
+    /// Serve a live annotated preview at this address, e.g. 127.0.0.1:8090 (page at /, MJPEG at /stream.mjpg)
+    #[arg(long, value_name = "ADDR")]
+    preview: Option<String>,
     #[command(flatten)]
     opts: CaptionOpts,
 }
@@ -744,8 +762,19 @@ fn bench_caption(p: &Pipeline, bytes: &[u8], name: &str, a: &BenchArgs) -> Resul
     Ok(serde_json::json!({"step_ms_by_past": step_ms, "whole_caption": whole, "cache_bytes_per_beam_token": dec.cache_bytes_per_token()}))
 }
 
+fn parse_size(spec: &str, what: &str) -> Result<(u32, u32)> {
+    let bad = || anyhow::anyhow!("{what} '{spec}': expected WIDTHxHEIGHT, e.g. 640x480");
+    let (w, h) = spec.split_once('x').ok_or_else(bad)?;
+    let (w, h): (u32, u32) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
+    if w == 0 || h == 0 || w > 16384 || h > 16384 {
+        anyhow::bail!("{what} '{spec}': size out of range");
+    }
+    Ok((w, h))
+}
+
 fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
-    use coca_edge::stream::{self, StreamOptions};
+    use coca_edge::source::{camera, SourceOptions};
+    use coca_edge::stream::{self, overlay, preview::Preview, save::SaveTo, StreamOptions};
     let (labels, templates) = a.labels.load()?;
     let raw = a.input_format.as_deref().map(coca_edge::source::parse_input_format).transpose()?;
     if let Some(t) = a.caption_on_change {
@@ -753,8 +782,34 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
             anyhow::bail!("--caption-on-change {t}: use a cosine distance in 0..2");
         }
     }
+    let watchdog = match a.watchdog {
+        Some(s) if !(s.is_finite() && s > 0.0 && s < 1e6) => anyhow::bail!("--watchdog {s}: use a number of seconds above 0"),
+        Some(s) => Some(std::time::Duration::from_secs_f64(s)),
+        None => None,
+    };
+    let mut cam = camera::CameraRequest::default();
+    if let Some(f) = &a.camera_format {
+        cam.formats = camera::parse_camera_formats(f)?;
+    }
+    if let Some(sz) = &a.camera_size {
+        let (w, h) = parse_size(sz, "--camera-size")?;
+        (cam.width, cam.height) = (Some(w), Some(h));
+    }
+    cam.fps = a.camera_fps;
+    if cam.fps == Some(0) {
+        anyhow::bail!("--camera-fps 0: use a rate above 0");
+    }
+    // outputs first: a bad --save or a busy --preview port fails before the model loads
+    let mut save = a.save.as_deref().map(SaveTo::create).transpose()?;
+    let preview = a.preview.as_deref().map(Preview::start).transpose()?;
+    if let Some(pv) = &preview {
+        if !g.quiet {
+            eprintln!("preview: http://{}/", pv.addr());
+        }
+    }
     let p = open_pipeline(g, true)?;
-    let source = coca_edge::source::open_source(&a.input, raw, p.options().limits)?;
+    let source_opts = SourceOptions { raw, limits: p.options().limits, camera: cam, ..Default::default() };
+    let source = coca_edge::source::open_source_with(&a.input, &source_opts)?;
     let set = p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |_, _| {})?;
     let opts = StreamOptions {
         every_frame: a.every_frame,
@@ -763,16 +818,42 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
         caption: a.opts.to_options(&p),
         top_k: a.top,
         max_frames: a.max_frames,
+        watchdog,
     };
     static SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let _ = ctrlc::set_handler(|| SHUTDOWN.store(true, std::sync::atomic::Ordering::SeqCst));
     let status = std::io::stderr().is_terminal() && !g.quiet;
     let mut out = std::io::stdout().lock();
-    let summary = stream::run(&p, source, Some(&set), &opts, &SHUTDOWN, |r| {
+    let mut last_caption: Option<String> = None;
+    let mut fps = FpsMeter::default();
+    let summary = stream::run(&p, source, Some(&set), &opts, &SHUTDOWN, |r, frame| {
         let line = serde_json::to_string(r).map_err(|e| coca_edge::Error::InvalidArgument(e.to_string()))?;
         writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| coca_edge::Error::Io { path: "stdout".into(), source: e })?;
+        let rate = fps.tick();
+        if let Some(c) = &r.caption {
+            last_caption = Some(c.clone());
+        }
+        // encode only for a file or a connected viewer (/frame.jpg gets the last one published)
+        if save.is_some() || preview.as_ref().is_some_and(|pv| pv.has_clients() || r.processed == 1) {
+            let jpeg = overlay::annotate(&frame.image, r, last_caption.as_deref(), rate).to_jpeg(85)?;
+            if let Some(s) = save.as_mut() {
+                s.write(&jpeg, r.frame)?;
+            }
+            if let Some(pv) = &preview {
+                pv.publish(jpeg, line);
+            }
+        }
         if status {
-            eprint!("\rframe {} | processed {} | dropped {} | encoder {:.0} ms   ", r.frame, r.processed, r.dropped, r.latency.encoder_ms);
+            eprint!(
+                "\rframe {} | {:.1} fps | processed {} | dropped {} (driver {}) | reconnects {} | encoder {:.0} ms   ",
+                r.frame,
+                rate.unwrap_or(0.0),
+                r.processed,
+                r.dropped,
+                r.driver_dropped,
+                r.reconnects,
+                r.latency.encoder_ms
+            );
         }
         Ok(())
     })?;
@@ -781,7 +862,28 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     }
     writeln!(out, "{}", serde_json::to_string(&summary)?)?;
     if !g.quiet && status {
-        eprintln!("{}: {} captured, {} processed, {} dropped, {} bad, {:.1} frames/s", summary.source, summary.captured, summary.processed, summary.dropped, summary.bad_frames, summary.fps);
+        eprintln!(
+            "{}: {} captured, {} processed, {} dropped, {} dropped by the driver, {} bad, {} reconnects, {:.1} frames/s",
+            summary.source, summary.captured, summary.processed, summary.dropped, summary.driver_dropped, summary.bad_frames, summary.reconnects, summary.fps
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Frames per second over the last 2 seconds.
+#[derive(Default)]
+struct FpsMeter {
+    times: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl FpsMeter {
+    fn tick(&mut self) -> Option<f64> {
+        let now = std::time::Instant::now();
+        self.times.push_back(now);
+        while self.times.front().is_some_and(|t| now.duration_since(*t).as_secs_f64() > 2.0) {
+            self.times.pop_front();
+        }
+        let span = now.duration_since(*self.times.front()?).as_secs_f64();
+        (self.times.len() > 1 && span > 0.0).then(|| (self.times.len() - 1) as f64 / span)
+    }
 }

@@ -7,6 +7,10 @@
 //!
 //! Output events are [`FrameReport`]s (JSON lines schema version [`SCHEMA_VERSION`]).
 
+pub mod overlay;
+pub mod preview;
+pub mod save;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -17,10 +21,11 @@ use crate::caption::CaptionOptions;
 use crate::classify::LabelSet;
 use crate::error::Result;
 use crate::pipeline::Pipeline;
-use crate::source::{Frame, FrameSource};
+use crate::source::{Frame, FrameSource, SourceCounters};
 
 /// Version of the JSON lines schema of [`FrameReport`] and [`Summary`].
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: `latency.capture_ms`, `driver_dropped`, `reconnects`; summary `mean_ms` per stage.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// When captions are made.
 #[derive(Debug, Clone)]
@@ -35,11 +40,13 @@ pub struct StreamOptions {
     pub top_k: usize,
     /// stop after this many processed frames
     pub max_frames: Option<u64>,
+    /// fail with [`crate::Error::Watchdog`] when no frame arrives for this long
+    pub watchdog: Option<Duration>,
 }
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { every_frame: false, caption_every: 0, caption_on_change: None, caption: CaptionOptions::default(), top_k: 3, max_frames: None }
+        StreamOptions { every_frame: false, caption_every: 0, caption_on_change: None, caption: CaptionOptions::default(), top_k: 3, max_frames: None, watchdog: None }
     }
 }
 
@@ -51,6 +58,9 @@ pub struct LabelScore {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Latency {
+    /// the source delivering and converting this frame (read, decode, YUV -> RGB), on the
+    /// capture thread
+    pub capture_ms: f64,
     pub preprocess_ms: f64,
     pub encoder_ms: f64,
     pub classify_ms: f64,
@@ -76,6 +86,10 @@ pub struct FrameReport {
     pub dropped: u64,
     /// frames the source could not deliver (short, corrupt)
     pub bad_frames: u64,
+    /// frames the camera driver skipped (gaps in its sequence numbers)
+    pub driver_dropped: u64,
+    /// times the camera was reopened after a stall or an unplug
+    pub reconnects: u64,
 }
 
 /// The end of a stream (last JSON line).
@@ -88,13 +102,32 @@ pub struct Summary {
     pub processed: u64,
     pub dropped: u64,
     pub bad_frames: u64,
+    pub driver_dropped: u64,
+    pub reconnects: u64,
     pub seconds: f64,
     pub fps: f64,
+    /// mean milliseconds per processed frame and stage (`outputs`: the caller's JSON, overlay,
+    /// files and preview; `caption` over the frames that were captioned)
+    pub mean_ms: StageMeans,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageMeans {
+    pub capture: f64,
+    pub preprocess: f64,
+    pub encoder: f64,
+    pub classify: f64,
+    pub caption: f64,
+    pub outputs: f64,
 }
 
 #[derive(Default)]
 struct SlotState {
     frame: Option<Frame>,
+    /// how long the source took to deliver `frame`
+    frame_ms: f64,
+    counters: SourceCounters,
+    last_frame_at: Option<Instant>,
     ended: bool,
     captured: u64,
     dropped: u64,
@@ -115,7 +148,7 @@ pub fn run(
     labels: Option<&LabelSet>,
     opts: &StreamOptions,
     shutdown: &AtomicBool,
-    mut on_report: impl FnMut(&FrameReport) -> Result<()>,
+    mut on_report: impl FnMut(&FrameReport, &Frame) -> Result<()>,
 ) -> Result<Summary> {
     if let Some(d) = pipeline.bundle().manifest().decoder.as_ref() {
         if opts.caption_every > 0 || opts.caption_on_change.is_some() {
@@ -138,7 +171,8 @@ pub fn run(
             .spawn(move || capture_loop(&mut *source, &slot, &stop, pace, every))
             .map_err(|e| crate::error::Error::InvalidArgument(format!("cannot start the capture thread: {e}")))?
     };
-    let result = process_loop(pipeline, &slot, labels, opts, shutdown, &mut on_report);
+    let mut sums = StageMeans::default();
+    let result = process_loop(pipeline, &slot, &name, labels, opts, shutdown, &mut sums, &mut on_report);
     stop.store(true, Ordering::SeqCst);
     slot.cv.notify_all();
     let _ = capture.join();
@@ -148,6 +182,15 @@ pub fn run(
         log::warn!("{name}: {e}");
     }
     let seconds = t0.elapsed().as_secs_f64();
+    let n = processed.max(1) as f64;
+    let mean_ms = StageMeans {
+        capture: sums.capture / n,
+        preprocess: sums.preprocess / n,
+        encoder: sums.encoder / n,
+        classify: sums.classify / n,
+        caption: sums.caption,
+        outputs: sums.outputs / n,
+    };
     Ok(Summary {
         schema: SCHEMA_VERSION,
         summary: true,
@@ -156,8 +199,11 @@ pub fn run(
         processed,
         dropped: st.dropped,
         bad_frames: st.bad,
+        driver_dropped: st.counters.driver_dropped,
+        reconnects: st.counters.reconnects,
         seconds,
         fps: processed as f64 / seconds.max(1e-9),
+        mean_ms,
     })
 }
 
@@ -165,7 +211,11 @@ fn capture_loop(source: &mut dyn FrameSource, slot: &Slot, stop: &AtomicBool, pa
     let start = Instant::now();
     let mut logged_bad = false;
     while !stop.load(Ordering::SeqCst) {
-        match source.next_frame() {
+        let t = Instant::now();
+        let next = source.next_frame();
+        let frame_ms = t.elapsed().as_secs_f64() * 1e3;
+        slot.state.lock().unwrap().counters = source.counters();
+        match next {
             Ok(Some(frame)) => {
                 if let Some(fps) = pace {
                     let due = Duration::from_secs_f64(frame.seq as f64 / fps);
@@ -183,12 +233,16 @@ fn capture_loop(source: &mut dyn FrameSource, slot: &Slot, stop: &AtomicBool, pa
                     }
                 }
                 st.captured += 1;
+                st.frame_ms = frame_ms;
+                st.last_frame_at = Some(Instant::now());
                 if st.frame.replace(frame).is_some() {
                     st.dropped += 1;
                 }
                 slot.cv.notify_all();
             }
             Ok(None) => break,
+            // a live source waiting for its device: not a bad frame (it sleeps, no busy loop)
+            Err(crate::Error::SourceStalled { .. }) => continue,
             Err(e) => {
                 let mut st = slot.state.lock().unwrap();
                 st.bad += 1;
@@ -209,33 +263,44 @@ fn capture_loop(source: &mut dyn FrameSource, slot: &Slot, stop: &AtomicBool, pa
     slot.cv.notify_all();
 }
 
+#[allow(clippy::too_many_arguments)]
 fn process_loop(
     p: &Pipeline,
     slot: &Slot,
+    name: &str,
     labels: Option<&LabelSet>,
     opts: &StreamOptions,
     shutdown: &AtomicBool,
-    on_report: &mut impl FnMut(&FrameReport) -> Result<()>,
+    sums: &mut StageMeans,
+    on_report: &mut impl FnMut(&FrameReport, &Frame) -> Result<()>,
 ) -> Result<u64> {
     let mut processed = 0u64;
+    let mut captions = 0u64;
     let mut last_caption_emb: Option<Vec<f32>> = None;
-    loop {
+    let started = Instant::now();
+    let result = loop {
         if shutdown.load(Ordering::SeqCst) || opts.max_frames.map(|m| processed >= m).unwrap_or(false) {
-            return Ok(processed);
+            break Ok(processed);
         }
-        let (frame, captured, dropped, bad) = {
+        let (frame, frame_ms, captured, dropped, bad, counters) = {
             let mut st = slot.state.lock().unwrap();
             loop {
                 if st.frame.is_some() || st.ended || shutdown.load(Ordering::SeqCst) {
                     break;
                 }
+                if let Some(limit) = opts.watchdog {
+                    let since = st.last_frame_at.unwrap_or(started).elapsed();
+                    if since > limit {
+                        return Err(crate::Error::Watchdog { name: name.to_string(), seconds: since.as_secs_f64() });
+                    }
+                }
                 st = slot.cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
             }
             let f = st.frame.take();
             slot.cv.notify_all();
-            (f, st.captured, st.dropped, st.bad)
+            (f, st.frame_ms, st.captured, st.dropped, st.bad, st.counters)
         };
-        let Some(frame) = frame else { return Ok(processed) };
+        let Some(frame) = frame else { break Ok(processed) };
         let t0 = Instant::now();
         let chw = p.preprocess(&frame.image);
         let t1 = Instant::now();
@@ -262,18 +327,39 @@ fn process_loop(
         let t4 = Instant::now();
         processed += 1;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let latency = Latency {
+            capture_ms: frame_ms,
+            preprocess_ms: ms(t0, t1),
+            encoder_ms: ms(t1, t2),
+            classify_ms: ms(t2, t3),
+            caption_ms: caption.as_ref().map(|_| ms(t3, t4)),
+        };
+        sums.capture += latency.capture_ms;
+        sums.preprocess += latency.preprocess_ms;
+        sums.encoder += latency.encoder_ms;
+        sums.classify += latency.classify_ms;
+        if let Some(c) = latency.caption_ms {
+            sums.caption += c;
+            captions += 1;
+        }
         let report = FrameReport {
             schema: SCHEMA_VERSION,
             frame: frame.seq,
             t_ms: frame.timestamp.as_secs_f64() * 1e3,
             labels: scores.iter().map(|s| LabelScore { label: s.label.clone(), p: s.probability }).collect(),
-            latency: Latency { preprocess_ms: ms(t0, t1), encoder_ms: ms(t1, t2), classify_ms: ms(t2, t3), caption_ms: caption.as_ref().map(|_| ms(t3, t4)) },
+            latency,
             caption,
             captured,
             processed,
             dropped,
             bad_frames: bad,
+            driver_dropped: counters.driver_dropped,
+            reconnects: counters.reconnects,
         };
-        on_report(&report)?;
-    }
+        on_report(&report, &frame)?;
+        sums.outputs += t4.elapsed().as_secs_f64() * 1e3;
+    };
+    // a mean over the captioned frames only
+    sums.caption /= captions.max(1) as f64;
+    result
 }
