@@ -1,6 +1,6 @@
 //! The stream loop with fake sources: the latest-frame policy drops stale frames (and never
 //! queues them), every-frame mode drops none, bad frames are counted and skipped, captions come
-//! every N frames or on change; the CLI prints schema-1 JSON lines for files, Y4M and raw pipes.
+//! every N frames or on change; the CLI prints schema-2 JSON lines for files, Y4M and raw pipes.
 
 mod common;
 
@@ -64,7 +64,7 @@ fn a_slow_consumer_drops_stale_frames_and_queues_none() {
     let opts = StreamOptions { caption_every: 1, caption: coca_edge::caption::CaptionOptions { search: coca_edge::caption::Search::Greedy, ..Default::default() }, ..Default::default() };
     let src = Fake { n: 400, next: 0, bad: vec![], delay: Duration::ZERO };
     let mut frames = Vec::new();
-    let s = stream::run(&p, Box::new(src), Some(&set), &opts, &AtomicBool::new(false), |r| {
+    let s = stream::run(&p, Box::new(src), Some(&set), &opts, &AtomicBool::new(false), |r, _| {
         frames.push(r.frame);
         assert!(r.caption.is_some());
         assert_eq!(r.labels.len(), 2);
@@ -84,7 +84,7 @@ fn every_frame_mode_processes_all_and_bad_frames_are_counted() {
     let opts = StreamOptions { every_frame: true, ..Default::default() };
     let src = Fake { n: 30, next: 0, bad: vec![3, 4, 17], delay: Duration::ZERO };
     let mut n = 0;
-    let s = stream::run(&p, Box::new(src), None, &opts, &AtomicBool::new(false), |_| {
+    let s = stream::run(&p, Box::new(src), None, &opts, &AtomicBool::new(false), |_, _| {
         n += 1;
         Ok(())
     })
@@ -112,7 +112,7 @@ fn captions_on_change_only_when_the_embedding_moves() {
         }
     }
     let mut captions = 0;
-    stream::run(&p, Box::new(Same(0)), None, &opts, &AtomicBool::new(false), |r| {
+    stream::run(&p, Box::new(Same(0)), None, &opts, &AtomicBool::new(false), |r, _| {
         captions += r.caption.is_some() as usize;
         Ok(())
     })
@@ -126,7 +126,7 @@ fn shutdown_stops_a_live_source() {
     let stop = AtomicBool::new(false);
     let src = Fake { n: u64::MAX, next: 0, bad: vec![], delay: Duration::from_millis(2) };
     let mut seen = 0;
-    let s = stream::run(&p, Box::new(src), None, &StreamOptions::default(), &stop, |_| {
+    let s = stream::run(&p, Box::new(src), None, &StreamOptions::default(), &stop, |_, _| {
         seen += 1;
         if seen == 5 {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -158,11 +158,24 @@ fn check_schema(stdout: &str) -> (Vec<serde_json::Value>, serde_json::Value) {
     let summary = lines.pop().unwrap();
     assert_eq!(summary["summary"], true);
     for l in &lines {
-        assert_eq!(l["schema"], 1);
-        for key in ["frame", "t_ms", "labels", "latency", "captured", "processed", "dropped", "bad_frames"] {
+        assert_eq!(l["schema"], 2);
+        for key in ["frame", "t_ms", "labels", "latency", "captured", "processed", "dropped", "bad_frames", "driver_dropped", "reconnects"] {
             assert!(!l[key].is_null(), "missing {key} in {l}");
         }
+        for key in ["capture_ms", "preprocess_ms", "encoder_ms", "classify_ms"] {
+            assert!(l["latency"][key].as_f64().unwrap() >= 0.0, "latency.{key} in {l}");
+        }
         assert!(l["latency"]["encoder_ms"].as_f64().unwrap() > 0.0);
+        for lab in l["labels"].as_array().unwrap() {
+            assert!(lab["label"].is_string() && (0.0..=1.0).contains(&lab["p"].as_f64().unwrap()), "{l}");
+        }
+    }
+    assert_eq!(summary["schema"], 2);
+    for key in ["source", "captured", "processed", "dropped", "bad_frames", "driver_dropped", "reconnects", "seconds", "fps", "mean_ms"] {
+        assert!(!summary[key].is_null(), "missing {key} in the summary {summary}");
+    }
+    for key in ["capture", "preprocess", "encoder", "classify", "caption", "outputs"] {
+        assert!(summary["mean_ms"][key].as_f64().unwrap() >= 0.0, "mean_ms.{key} in {summary}");
     }
     (lines, summary)
 }
@@ -208,9 +221,18 @@ fn cli_stream_errors() {
     let (code, _, err) = coca_stream(&["-", "--labels", "a,b"], None);
     assert_eq!(code, 2);
     assert!(err.contains("--input-format"), "{err}");
-    let (code, _, err) = coca_stream(&["/dev/video0", "--labels", "a,b"], None);
+    // no camera here: the path is named in one line (a missing camera at start-up is a typo,
+    // not something to wait for)
+    let (code, _, err) = coca_stream(&["v4l2:///dev/video97", "--labels", "a,b"], None);
     assert_eq!(code, 2);
-    assert!(err.contains("not in this build"), "{err}");
+    assert!(err.starts_with("coca: /dev/video97: ") && err.trim().lines().count() == 1, "{err}");
+    for bad in [&["--camera-format", "h264"][..], &["--camera-size", "640"], &["--watchdog", "0"], &["--camera-fps", "0"], &["--save", "out.txt"]] {
+        let mut args = vec!["/dev/video97", "--labels", "a,b"];
+        args.extend_from_slice(bad);
+        let (code, _, err) = coca_stream(&args, None);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+        assert!(err.starts_with("coca: ") && err.contains(bad[0].trim_start_matches("--").split('-').next().unwrap()), "{bad:?}: {err}");
+    }
     let (code, _, err) = coca_stream(&["-", "--input-format", "yuyv:15x8", "--labels", "a,b"], Some(vec![0; 240]));
     assert_eq!(code, 2);
     assert!(err.contains("even width"), "{err}");

@@ -14,7 +14,8 @@ use crate::error::{Error, Result};
 use crate::vision::DecodedImage;
 
 /// Label text colour (also what tests look for in a screenshot).
-pub const LABEL_COLOR: Rgb888 = Rgb888::new(80, 255, 120);
+pub const LABEL_RGB: [u8; 3] = [80, 255, 120];
+pub const LABEL_COLOR: Rgb888 = Rgb888::new(LABEL_RGB[0], LABEL_RGB[1], LABEL_RGB[2]);
 pub const CAPTION_COLOR: Rgb888 = Rgb888::new(255, 255, 255);
 pub const FPS_COLOR: Rgb888 = Rgb888::new(255, 220, 0);
 
