@@ -86,7 +86,8 @@ pub struct CocaOptions {
     pub backend: *const c_char,
     /// 1 = cache label embeddings on disk ($COCA_CACHE_DIR or ~/.cache/coca-edge), 0 = never
     pub label_cache: u32,
-    /// board profile ("rpi4", "rpi5", "jetson-orin"; null = none): its threads and precision
+    /// board profile ("raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "jetson-agx-orin",
+    /// "auto"; null = none): its threads and precision
     /// are the defaults when `threads` is 0 and `precision` is null
     pub board: *const c_char,
 }
@@ -393,13 +394,13 @@ pub unsafe extern "C" fn coca_model_open(bundle_dir: *const c_char, options: *co
             if o.threads > 1024 {
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.threads {} is absurd", o.threads)));
             }
-            let board = if o.board.is_null() { None } else { Some(crate::board::BoardProfile::named(str_arg(o.board, "options.board")?)?) };
+            let board = if o.board.is_null() { None } else { crate::board::BoardProfile::resolve(str_arg(o.board, "options.board")?)?.map(|(b, _)| b) };
             let precision = if !o.precision.is_null() {
                 str_arg(o.precision, "options.precision")?.to_string()
             } else {
                 board.as_ref().map(|b| b.precision.clone()).unwrap_or_else(|| "f32".into())
             };
-            let threads = if o.threads == 0 { board.as_ref().map(|b| b.threads).unwrap_or(0) } else { o.threads as usize };
+            let threads = if o.threads == 0 { board.as_ref().map(|b| b.threads_here()).unwrap_or(0) } else { o.threads as usize };
             let backend = if o.backend.is_null() { "cpu" } else { str_arg(o.backend, "options.backend")? };
             if backend != "cpu" {
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.backend '{backend}': only 'cpu' is available in this build")));

@@ -295,14 +295,38 @@ fn a_digest_cache_never_hides_a_changed_file() {
 #[test]
 fn board_profiles_set_defaults_and_unknown_boards_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = coca(&[&"--board", &"rpi4", &"info", &"--json"], tmp.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["threads"], 4);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for name in ["raspberry-pi-4", "rpi4"] {
+        let out = coca(&[&"--board", &name, &"info", &"--json"], tmp.path());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["threads"], 4.min(cores), "the profile's 4 threads, capped at the cores here");
+        assert_eq!(v["board"]["name"], "raspberry-pi-4");
+    }
     let out = coca(&[&"--board", &"rpi4", &"--threads", &"1", &"info", &"--json"], tmp.path());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["threads"], 1, "explicit --threads wins over the board");
     assert_one_line_error(&coca(&[&"--board", &"toaster", &"info"], tmp.path()), "unknown board 'toaster'");
+}
+
+/// `--board auto`: under qemu as a Pi 4 or Pi 5 the emulated /proc/cpuinfo's CPU part picks the
+/// profile; on an x86_64 machine no board is found and the defaults apply.
+#[test]
+fn board_auto_detects_the_emulated_pi_and_nothing_on_x86() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = coca(&[&"--board", &"auto", &"info", &"--json"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = match (std::env::consts::ARCH, std::env::var("QEMU_CPU").as_deref()) {
+        ("aarch64", Ok("cortex-a72")) => Some("raspberry-pi-4"),
+        ("aarch64", Ok("cortex-a76")) => Some("raspberry-pi-5"),
+        ("x86_64", _) => None,
+        _ => return, // a real board: whatever it is
+    };
+    match expected {
+        Some(name) => assert_eq!(v["board"]["name"], name, "{v}"),
+        None => assert!(v["board"].is_null(), "{v}"),
+    }
 }
 
 #[test]

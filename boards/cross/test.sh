@@ -18,11 +18,13 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /"
 export COCA_TEST_RUNNER="qemu-aarch64-static -L /"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+# v4l's bindgen (feature camera): the arm64 kernel and libc headers of the cross packages
+export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="-isystem /usr/aarch64-linux-gnu/include"
 for tool in /usr/bin/rustc aarch64-linux-gnu-gcc qemu-aarch64-static; do
     command -v "$tool" >/dev/null || { echo "cross: $tool missing: run boards/cross/setup.sh" >&2; exit 2; }
 done
 # every test but the C ABI one (it compiles C for the host and runs valgrind)
-TESTS=(--lib --test parity --test tokenizer --test preprocess --test caption --test cli --test stream --test default_model)
+TESTS=(--lib --test parity --test tokenizer --test preprocess --test caption --test cli --test stream --test camera --test frames --test default_model)
 if [ "${1:-}" = "--" ]; then shift; TESTS=("$@"); fi
 echo "== cross-build for $TARGET with $($RUSTC --version)"
 start=$(date +%s)

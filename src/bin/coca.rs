@@ -29,7 +29,8 @@ struct Global {
     /// Threads for inference (default: the board profile's, else all cores)
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
-    /// Board profile for the defaults (rpi4, rpi5, jetson-orin; see boards/)
+    /// Board profile for the defaults: raspberry-pi-4, raspberry-pi-5, jetson-orin-nano,
+    /// jetson-agx-orin, or auto (from /proc/device-tree/model, else the CPU); see boards/
     #[arg(long, global = true, env = "COCA_BOARD", value_name = "NAME")]
     board: Option<String>,
     /// More log output (-v info, -vv debug)
@@ -366,14 +367,26 @@ fn engine_options(g: &Global) -> Result<EngineOptions> {
         anyhow::bail!("--threads must be at least 1");
     }
     let mut opts = EngineOptions { threads: g.threads.unwrap_or(0), ..Default::default() };
-    if let Some(name) = &g.board {
-        let b = coca_edge::board::BoardProfile::named(name)?;
+    if let Some((b, _)) = board(g)? {
         if g.threads.is_none() {
-            opts.threads = b.threads;
+            opts.threads = b.threads_here();
         }
         opts.precision = b.precision;
     }
     Ok(opts)
+}
+
+/// The board profile `--board` names (or detects, for `auto`).
+fn board(g: &Global) -> Result<Option<(coca_edge::board::BoardProfile, Option<coca_edge::board::Detected>)>> {
+    let Some(name) = &g.board else { return Ok(None) };
+    let found = coca_edge::board::BoardProfile::resolve(name)?;
+    if name == "auto" {
+        match &found {
+            Some((p, d)) => log::info!("--board auto: {} ({:?})", p.name, d.as_ref().unwrap()),
+            None => log::info!("--board auto: no known board here; using the defaults"),
+        }
+    }
+    Ok(found)
 }
 
 fn open_pipeline(g: &Global, cache: bool) -> Result<Pipeline> {
@@ -494,6 +507,18 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         .collect();
     // the kernel tract picks for a product the size of the model's linear layers
     let kernels = model::kernel_report(m.dims.token_dim, m.dims.token_dim, 64);
+    let found = board(g)?;
+    let detected = |d: &Option<coca_edge::board::Detected>| match d {
+        Some(coca_edge::board::Detected::Model(m)) => format!("detected from the device tree: {m}"),
+        Some(coca_edge::board::Detected::CpuPart(c)) => format!("detected from the CPU part {c}"),
+        None => "named".to_string(),
+    };
+    let board_json = found.as_ref().map(|(p, d)| serde_json::json!({"name": p.name, "how": detected(d), "description": p.description}));
+    let board_line = match (&found, g.board.as_deref()) {
+        (Some((p, d)), _) => format!("{} ({}; {})", p.name, p.description, detected(d)),
+        (None, Some("auto")) => "none detected (not a known board; defaults apply)".to_string(),
+        (None, _) => "none (--board NAME or auto)".to_string(),
+    };
     let info = serde_json::json!({
         "bundle": b.dir().display().to_string(),
         "name": m.name,
@@ -512,6 +537,7 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
             "max_positions": d.max_positions,
             "kv_cache_bytes_per_beam_token": d.self_layers * 2 * d.heads * d.head_dim * 4,
         })),
+        "board": board_json,
         "cpu": std::env::consts::ARCH,
         "cpu_features": model::cpu_features(),
         "kernels": kernels,
@@ -528,6 +554,7 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         writeln!(out, "text          context {}, logit_scale {:.4}", m.text.context_length, m.logit_scale)?;
         writeln!(out, "precision     {}", opts.precision)?;
         writeln!(out, "threads       {}", opts.effective_threads())?;
+        writeln!(out, "board         {}", board_line)?;
         writeln!(out, "cpu           {} [{}]", std::env::consts::ARCH, model::cpu_features().join(" "))?;
         writeln!(
             out,
@@ -787,15 +814,17 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
         Some(s) => Some(std::time::Duration::from_secs_f64(s)),
         None => None,
     };
+    // a board profile gives the camera defaults; explicit options win
+    let board_cam = if camera::camera_path(&a.input).is_some() { board(g)?.map(|(b, _)| b.camera) } else { None };
     let mut cam = camera::CameraRequest::default();
-    if let Some(f) = &a.camera_format {
+    if let Some(f) = a.camera_format.as_deref().or(board_cam.as_ref().map(|c| c.format.as_str())) {
         cam.formats = camera::parse_camera_formats(f)?;
     }
-    if let Some(sz) = &a.camera_size {
+    if let Some(sz) = a.camera_size.as_deref().or(board_cam.as_ref().map(|c| c.size.as_str())) {
         let (w, h) = parse_size(sz, "--camera-size")?;
         (cam.width, cam.height) = (Some(w), Some(h));
     }
-    cam.fps = a.camera_fps;
+    cam.fps = a.camera_fps.or(board_cam.as_ref().map(|c| c.fps));
     if cam.fps == Some(0) {
         anyhow::bail!("--camera-fps 0: use a rate above 0");
     }
