@@ -38,6 +38,7 @@ pub mod bundle;
 pub mod caption;
 pub mod classify;
 pub mod error;
+pub mod head;
 pub mod ffi;
 pub mod model;
 pub mod pipeline;

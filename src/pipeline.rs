@@ -268,4 +268,35 @@ impl Pipeline {
         let body: Vec<u32> = ids.iter().copied().skip_while(|&t| t == sp.sot).take_while(|&t| t != sp.eot).collect();
         self.tokenizer.decode(&body).trim().to_string()
     }
+
+    /// Load a head trained on this bundle's embeddings (`coca head train`); a head trained on
+    /// another bundle is refused.
+    pub fn load_head(&self, path: &Path) -> Result<crate::head::Head> {
+        let h = crate::head::Head::load(path, self.bundle.id())?;
+        if h.dim != self.bundle.manifest().dims.embed_dim {
+            return Err(Error::Labels { what: path.display().to_string(), message: format!("head is for {}-dim embeddings, the model has {}", h.dim, self.bundle.manifest().dims.embed_dim) });
+        }
+        Ok(h)
+    }
+
+    /// A head's classes for one encoder pass (side by side with [`Pipeline::classify`]).
+    pub fn classify_head(&self, features: &ImageFeatures, head: &crate::head::Head, top_k: usize) -> Result<Vec<Score>> {
+        head.classify(&features.embedding, top_k)
+    }
+
+    /// Train a head on labelled images (`ds`), embeddings cached; stamps it with this bundle.
+    pub fn train_head(
+        &self,
+        ds: &crate::head::data::Dataset,
+        opts: &crate::head::TrainOptions,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<(crate::head::Head, crate::head::TrainReport, crate::head::data::Embedded)> {
+        let emb = crate::head::data::embed_dataset(self, ds, progress)?;
+        let opts = crate::head::TrainOptions { logit_scale: self.bundle.manifest().logit_scale, ..opts.clone() };
+        let (mut head, report) = crate::head::train(&ds.classes, &emb.x, &emb.y, &opts)?;
+        head.bundle_id = self.bundle.id().to_string();
+        head.bundle_name = self.bundle.manifest().name.clone();
+        Ok((head, report, emb))
+    }
+
 }

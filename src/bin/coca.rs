@@ -58,6 +58,9 @@ enum Cmd {
     /// Process a stream of frames (files, folders, Y4M, MJPEG, raw frames on stdin) and print
     /// one JSON line per processed frame (schema 1), then a summary line
     Stream(StreamArgs),
+    /// Heads trained on the frozen encoder: your own classes from a few labelled images
+    #[command(subcommand)]
+    Head(HeadCmd),
 }
 
 #[derive(Args, Debug)]
@@ -232,7 +235,7 @@ struct BenchArgs {
 #[derive(Args, Debug)]
 struct LabelArgs {
     /// Comma-separated labels, e.g. "cat,dog,traffic cone"
-    #[arg(long, value_name = "A,B,C", required_unless_present = "labels_file", conflicts_with = "labels_file")]
+    #[arg(long, value_name = "A,B,C", conflicts_with = "labels_file")]
     labels: Option<String>,
     /// UTF-8 file with one label per line
     #[arg(long, value_name = "FILE")]
@@ -246,10 +249,18 @@ impl LabelArgs {
     /// The checked labels and templates (before any model is loaded).
     /// `None` templates: the model's defaults ([`Pipeline::default_templates`]).
     fn load(&self) -> Result<(Vec<String>, Option<Templates>)> {
+        if self.labels.is_none() && self.labels_file.is_none() {
+            anyhow::bail!("give --labels or --labels-file");
+        }
+        self.load_opt()
+    }
+
+    /// Labels may be absent (a head classifies instead): an empty list.
+    fn load_opt(&self) -> Result<(Vec<String>, Option<Templates>)> {
         let labels = match (&self.labels, &self.labels_file) {
             (Some(list), _) => classify::parse_label_list(list)?,
             (None, Some(f)) => classify::read_label_file(f)?,
-            (None, None) => anyhow::bail!("give --labels or --labels-file"),
+            (None, None) => Vec::new(),
         };
         let templates = match &self.templates {
             Some(f) => Some(Templates::from_file(f)?),
@@ -275,6 +286,54 @@ struct ClassifyArgs {
     /// Do not read or write the label-embedding cache
     #[arg(long)]
     no_cache: bool,
+    /// A head trained with `coca head train` (with or without zero-shot labels: one encoder pass)
+    #[arg(long, value_name = "HEAD.json")]
+    head: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum HeadCmd {
+    /// Train a head on labelled images: DIR with one folder of images per class, or a list
+    /// file of CLASS<TAB>PATH lines
+    Train(HeadTrainArgs),
+    /// Accuracy and confusion matrix of a head on labelled images (same layouts as train)
+    Eval(HeadEvalArgs),
+}
+
+#[derive(Args, Debug)]
+struct HeadTrainArgs {
+    /// Labelled images: a folder of class folders, or a CLASS<TAB>PATH list file
+    #[arg(long, value_name = "DIR|LIST")]
+    data: PathBuf,
+    /// Where to write the head
+    #[arg(long, value_name = "HEAD.json")]
+    out: PathBuf,
+    /// linear (logistic regression, L2 by cross-validation) or prototype (class means)
+    /// [default: linear when every class has 2 images or more, else prototype]
+    #[arg(long, value_parser = ["linear", "prototype"])]
+    kind: Option<String>,
+    /// Use at most N images per class (the first N in name order)
+    #[arg(long, value_name = "N")]
+    shots: Option<usize>,
+    /// Most cross-validation folds
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct HeadEvalArgs {
+    /// The head
+    #[arg(long, value_name = "HEAD.json")]
+    head: PathBuf,
+    /// Labelled images: a folder of class folders, or a CLASS<TAB>PATH list file
+    #[arg(long, value_name = "DIR|LIST")]
+    data: PathBuf,
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -408,6 +467,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Caption(a) => caption_cmd(&cli.global, a),
         Cmd::Describe(a) => describe_cmd(&cli.global, a),
         Cmd::Stream(a) => stream_cmd(&cli.global, a),
+        Cmd::Head(HeadCmd::Train(a)) => head_train_cmd(&cli.global, a),
+        Cmd::Head(HeadCmd::Eval(a)) => head_eval_cmd(&cli.global, a),
     }
 }
 
@@ -420,20 +481,28 @@ fn image_error(failed: &mut bool, e: coca_edge::Error) {
 
 fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
     // check the cheap inputs before loading anything
-    let (labels, templates) = a.labels.load()?;
+    let (labels, templates) = a.labels.load_opt()?;
+    if labels.is_empty() && a.head.is_none() {
+        anyhow::bail!("give --labels, --labels-file or --head");
+    }
     if a.top_k == 0 {
         anyhow::bail!("--top-k must be at least 1");
     }
     let p = open_pipeline(g, !a.no_cache)?;
+    let head = a.head.as_deref().map(|h| p.load_head(h)).transpose()?;
     let show_progress = std::io::stderr().is_terminal() && !g.quiet;
-    let set = p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |done, total| {
-        if show_progress {
-            eprint!("\rencoding label prompts {done}/{total}");
-            if done == total {
-                eprintln!();
+    let set = if labels.is_empty() {
+        None
+    } else {
+        Some(p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |done, total| {
+            if show_progress {
+                eprint!("\rencoding label prompts {done}/{total}");
+                if done == total {
+                    eprintln!();
+                }
             }
-        }
-    })?;
+        })?)
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = false;
@@ -445,19 +514,132 @@ fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
                 continue;
             }
         };
-        let scores = p.classify(&feats, &set, a.top_k)?;
+        let scores = set.as_ref().map(|set| p.classify(&feats, set, a.top_k)).transpose()?;
+        let head_scores = head.as_ref().map(|h| p.classify_head(&feats, h, a.top_k)).transpose()?;
         if a.json {
-            let obj = serde_json::json!({"image": path.display().to_string(), "top": scores});
+            let mut obj = serde_json::json!({"image": path.display().to_string()});
+            if let Some(s) = &scores {
+                obj["top"] = serde_json::to_value(s)?;
+            }
+            if let Some(s) = &head_scores {
+                obj["head"] = serde_json::to_value(s)?;
+            }
             writeln!(out, "{obj}")?;
         } else {
             writeln!(out, "{}", path.display())?;
-            for s in &scores {
+            for s in scores.iter().flatten() {
                 writeln!(out, "  {:.4}  {}", s.probability, s.label)?;
+            }
+            for s in head_scores.iter().flatten() {
+                writeln!(out, "  {:.4}  {}  (head)", s.probability, s.label)?;
             }
         }
         out.flush()?;
     }
     Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn head_train_cmd(g: &Global, a: HeadTrainArgs) -> Result<ExitCode> {
+    use coca_edge::head::{data::Dataset, TrainOptions};
+    let mut ds = Dataset::scan(&a.data)?;
+    if let Some(n) = a.shots {
+        if n == 0 {
+            anyhow::bail!("--shots must be at least 1");
+        }
+        let mut seen = vec![0usize; ds.classes.len()];
+        ds.items.retain(|(_, k)| {
+            seen[*k] += 1;
+            seen[*k] <= n
+        });
+    }
+    if a.folds < 2 {
+        anyhow::bail!("--folds must be at least 2");
+    }
+    let p = open_pipeline(g, true)?;
+    let opts = TrainOptions { kind: a.kind.as_deref().map(str::parse).transpose()?, folds: a.folds, ..Default::default() };
+    let show = std::io::stderr().is_terminal() && !g.quiet;
+    let t0 = std::time::Instant::now();
+    let mut t_embedded = t0;
+    let (head, report, emb) = p.train_head(&ds, &opts, |done, total| {
+        if show {
+            let w = 30 * done / total.max(1);
+            eprint!("\rembedding images [{}{}] {done}/{total}", "#".repeat(w), " ".repeat(30 - w));
+            if done == total {
+                eprintln!();
+            }
+        }
+        if done == total {
+            t_embedded = std::time::Instant::now();
+        }
+    })?;
+    let train_s = t_embedded.elapsed().as_secs_f64();
+    head.save(&a.out)?;
+    for (path, why) in emb.skipped.iter().take(5) {
+        log::warn!("skipped {}: {why}", path.display());
+    }
+    if !emb.skipped.is_empty() && !g.quiet {
+        eprintln!("warning: skipped {} unreadable image(s) of {} (first: {})", emb.skipped.len(), ds.items.len(), emb.skipped[0].0.display());
+    }
+    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    if a.json {
+        let obj = serde_json::json!({
+            "head": a.out.display().to_string(), "bytes": bytes, "kind": report.kind, "classes": head.classes,
+            "images_per_class": head.images_per_class, "skipped": emb.skipped.len(), "cached_embeddings": emb.cached,
+            "l2": report.l2, "cv_accuracy": report.cv_accuracy, "folds": report.folds, "cv_by_l2": report.cv_by_l2,
+            "confusion": report.confusion, "train_seconds": train_s, "total_seconds": t0.elapsed().as_secs_f64(),
+        });
+        writeln!(std::io::stdout(), "{obj}")?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{} head, {} classes, {} images ({} skipped, {} embeddings from the cache)", serde_json::to_value(report.kind)?.as_str().unwrap_or("?"), head.classes.len(), emb.x.len(), emb.skipped.len(), emb.cached)?;
+        match report.cv_accuracy {
+            Some(acc) => writeln!(out, "cross-validated accuracy {:.1}% ({} folds{})", acc * 100.0, report.folds, report.l2.map(|l| format!(", L2 {l}")).unwrap_or_default())?,
+            None => writeln!(out, "no cross-validation: a class has a single image")?,
+        }
+        if !report.confusion.is_empty() {
+            print_confusion(&mut out, &head.classes, &report.confusion)?;
+        }
+        writeln!(out, "trained in {train_s:.2} s after embedding; wrote {} ({bytes} bytes)", a.out.display())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_confusion(out: &mut impl Write, classes: &[String], confusion: &[Vec<usize>]) -> Result<()> {
+    writeln!(out, "confusion (rows: true class, columns: predicted, in class order):")?;
+    let w = classes.iter().map(|c| c.chars().count()).max().unwrap_or(4).min(20);
+    for (i, row) in confusion.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(|n| format!("{n:>4}")).collect();
+        writeln!(out, "  {:>w$} {}", classes[i].chars().take(20).collect::<String>(), cells.join(""))?;
+    }
+    Ok(())
+}
+
+fn head_eval_cmd(g: &Global, a: HeadEvalArgs) -> Result<ExitCode> {
+    use coca_edge::head::data::{embed_dataset, Dataset};
+    let ds = Dataset::scan(&a.data)?;
+    let p = open_pipeline(g, true)?;
+    let head = p.load_head(&a.head)?;
+    let map: Vec<Option<usize>> = ds.classes.iter().map(|c| head.classes.iter().position(|h| h == c)).collect();
+    if let Some(i) = map.iter().position(|m| m.is_none()) {
+        anyhow::bail!("{}: class '{}' is not one of the head's classes ({})", a.data.display(), ds.classes[i], head.classes.join(", "));
+    }
+    let emb = embed_dataset(&p, &ds, |_, _| {})?;
+    let c = head.classes.len();
+    let mut confusion = vec![vec![0usize; c]; c];
+    for (x, &y) in emb.x.iter().zip(&emb.y) {
+        let pred = head.classify(x, 1)?[0].index;
+        confusion[map[y].unwrap()][pred] += 1;
+    }
+    let correct: usize = (0..c).map(|k| confusion[k][k]).sum();
+    let acc = correct as f64 / emb.x.len().max(1) as f64;
+    if a.json {
+        writeln!(std::io::stdout(), "{}", serde_json::json!({"accuracy": acc, "images": emb.x.len(), "skipped": emb.skipped.len(), "classes": head.classes, "confusion": confusion}))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "accuracy {:.1}% on {} images ({} skipped)", acc * 100.0, emb.x.len(), emb.skipped.len())?;
+        print_confusion(&mut out, &head.classes, &confusion)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn embed_cmd(g: &Global, a: EmbedArgs) -> Result<ExitCode> {
