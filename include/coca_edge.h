@@ -160,7 +160,8 @@ typedef struct CocaOptions {
    */
   uint32_t label_cache;
   /*
-   board profile ("rpi4", "rpi5", "jetson-orin"; null = none): its threads and precision
+   board profile ("raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "jetson-agx-orin",
+   "auto"; null = none): its threads and precision
    are the defaults when `threads` is 0 and `precision` is null
    */
   const char *board;
@@ -315,6 +316,24 @@ enum CocaStatus coca_result_labels(const struct CocaResult *result,
                                    struct CocaLabelScore *out,
                                    size_t cap,
                                    size_t *written);
+
+/*
+ Set a head trained with `coca head train` (a JSON file at the UTF-8 path `head_path`; null
+ removes the head). A head trained on another bundle is refused (`COCA_STATUS_LABELS`).
+ With a head set, `coca_model_process` also scores its classes (`coca_result_head_labels`),
+ from the same encoder pass as the zero-shot labels.
+ */
+enum CocaStatus coca_model_set_head(struct CocaModel *model, const char *head_path);
+
+/*
+ Copy up to `cap` of the head's scores (most probable first) into `out`, like
+ `coca_result_labels`; `*written` is 0 when no head was set. `label` pointers live as long as
+ the result.
+ */
+enum CocaStatus coca_result_head_labels(const struct CocaResult *result,
+                                        struct CocaLabelScore *out,
+                                        size_t cap,
+                                        size_t *written);
 
 /*
  Fill `out` with open_clip generate()'s defaults.

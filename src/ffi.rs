@@ -154,6 +154,7 @@ pub struct CocaModel {
 struct ModelInner {
     pipeline: Pipeline,
     labels: Option<LabelSet>,
+    head: Option<crate::head::Head>,
 }
 
 /// The output of one processed frame.
@@ -163,6 +164,8 @@ pub struct CocaResult {
     tokens: Vec<f32>,
     scores: Vec<Score>,
     labels_c: Vec<CString>,
+    head_scores: Vec<Score>,
+    head_labels_c: Vec<CString>,
 }
 
 // ------------------------------------------------------------------------------ errors and guard
@@ -412,7 +415,7 @@ pub unsafe extern "C" fn coca_model_open(bundle_dir: *const c_char, options: *co
             opts.cache_dir = classify::LabelCache::default_dir();
         }
         let pipeline = Pipeline::open(Path::new(dir), opts)?;
-        let model = Box::new(CocaModel { inner: Mutex::new(ModelInner { pipeline, labels: None }), poisoned: AtomicBool::new(false) });
+        let model = Box::new(CocaModel { inner: Mutex::new(ModelInner { pipeline, labels: None, head: None }), poisoned: AtomicBool::new(false) });
         out.write(Box::into_raw(model));
         Ok(())
     })
@@ -524,16 +527,21 @@ pub unsafe extern "C" fn coca_model_process(
         let bytes = std::slice::from_raw_parts(data, data_len);
         let img = vision::frame_to_image(bytes, width, height, stride as usize, format).map_err(|e| Fail(CocaStatus::Image, e.to_string()))?;
         let inner = lock(m)?;
-        if top_k > 0 && inner.labels.is_none() {
-            return Err(fail(CocaStatus::NoLabels, "top_k > 0 but no labels are set: call coca_model_set_labels first"));
+        if top_k > 0 && inner.labels.is_none() && inner.head.is_none() {
+            return Err(fail(CocaStatus::NoLabels, "top_k > 0 but neither labels nor a head are set: call coca_model_set_labels or coca_model_set_head first"));
         }
         let features = inner.pipeline.embed_image(&img)?;
         let scores = match (&inner.labels, top_k) {
             (Some(set), k) if k > 0 => inner.pipeline.classify(&features, set, k as usize)?,
             _ => Vec::new(),
         };
-        let labels_c = scores.iter().map(|s| CString::new(s.label.replace('\0', " ")).unwrap_or_default()).collect();
-        out.write(Box::into_raw(Box::new(CocaResult { embedding: features.embedding, tokens: features.tokens, scores, labels_c })));
+        let head_scores = match (&inner.head, top_k) {
+            (Some(h), k) if k > 0 => inner.pipeline.classify_head(&features, h, k as usize)?,
+            _ => Vec::new(),
+        };
+        let c_names = |v: &[Score]| v.iter().map(|s| CString::new(s.label.replace('\0', " ")).unwrap_or_default()).collect();
+        let (labels_c, head_labels_c) = (c_names(&scores), c_names(&head_scores));
+        out.write(Box::into_raw(Box::new(CocaResult { embedding: features.embedding, tokens: features.tokens, scores, labels_c, head_scores, head_labels_c })));
         Ok(())
     })
 }
@@ -574,6 +582,51 @@ pub unsafe extern "C" fn coca_result_labels(result: *const CocaResult, out: *mut
             return Err(fail(CocaStatus::NullPointer, "out is null"));
         }
         for (i, (s, c)) in r.scores.iter().zip(&r.labels_c).take(n).enumerate() {
+            out.add(i).write(CocaLabelScore { label: c.as_ptr(), index: s.index as u32, probability: s.probability, cosine: s.cosine });
+        }
+        written.write(n);
+        Ok(())
+    })
+}
+
+/// Set a head trained with `coca head train` (a JSON file at the UTF-8 path `head_path`; null
+/// removes the head). A head trained on another bundle is refused (`COCA_STATUS_LABELS`).
+/// With a head set, `coca_model_process` also scores its classes (`coca_result_head_labels`),
+/// from the same encoder pass as the zero-shot labels.
+#[no_mangle]
+pub unsafe extern "C" fn coca_model_set_head(model: *mut CocaModel, head_path: *const c_char) -> CocaStatus {
+    let Some(m) = model.as_ref() else {
+        set_last_error("model is null");
+        return CocaStatus::NullPointer;
+    };
+    guard(Some(m), || {
+        let mut inner = lock(m)?;
+        if head_path.is_null() {
+            inner.head = None;
+            return Ok(());
+        }
+        let path = str_arg(head_path, "head_path")?;
+        let head = inner.pipeline.load_head(std::path::Path::new(path))?;
+        inner.head = Some(head);
+        Ok(())
+    })
+}
+
+/// Copy up to `cap` of the head's scores (most probable first) into `out`, like
+/// `coca_result_labels`; `*written` is 0 when no head was set. `label` pointers live as long as
+/// the result.
+#[no_mangle]
+pub unsafe extern "C" fn coca_result_head_labels(result: *const CocaResult, out: *mut CocaLabelScore, cap: usize, written: *mut usize) -> CocaStatus {
+    guard(None, || {
+        let r = result.as_ref().ok_or_else(|| fail(CocaStatus::NullPointer, "result is null"))?;
+        if written.is_null() {
+            return Err(fail(CocaStatus::NullPointer, "written is null"));
+        }
+        let n = r.head_scores.len().min(cap);
+        if n > 0 && out.is_null() {
+            return Err(fail(CocaStatus::NullPointer, "out is null"));
+        }
+        for (i, (s, c)) in r.head_scores.iter().zip(&r.head_labels_c).take(n).enumerate() {
             out.add(i).write(CocaLabelScore { label: c.as_ptr(), index: s.index as u32, probability: s.probability, cosine: s.cosine });
         }
         written.write(n);

@@ -147,7 +147,33 @@ fn run_misuse(wrapper: Option<&[&str]>) -> std::process::Output {
         }
         None => Command::new(&exe),
     };
-    cmd.arg(&bundle).output().unwrap()
+    let (head, other) = heads();
+    cmd.arg(&bundle).arg(head).arg(other).output().unwrap()
+}
+
+/// A head trained on the test bundle (two classes of test photos) and the same head stamped
+/// with another bundle's id, written once.
+fn heads() -> (PathBuf, PathBuf) {
+    static HEADS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    HEADS
+        .get_or_init(|| {
+            use coca_edge::head::data::Dataset;
+            let dir = root().join("target/c-abi-heads");
+            let _ = std::fs::remove_dir_all(&dir);
+            let imgs = root().join("tests/fixtures/images");
+            let mut photos: Vec<PathBuf> = std::fs::read_dir(&imgs).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
+            photos.sort();
+            let ds = Dataset { classes: vec!["a".into(), "b".into()], items: photos.iter().take(4).enumerate().map(|(i, p)| (p.clone(), i % 2)).collect() };
+            let p = coca_edge::Pipeline::open(root().join(coca_edge::TEST_BUNDLE), Default::default()).unwrap();
+            let (mut head, _, _) = p.train_head(&ds, &Default::default(), |_, _| {}).unwrap();
+            std::fs::create_dir_all(&dir).unwrap();
+            let (h, o) = (dir.join("head.json"), dir.join("other.json"));
+            head.save(&h).unwrap();
+            head.bundle_id = "0000000000000000".into();
+            head.save(&o).unwrap();
+            (h, o)
+        })
+        .clone()
 }
 
 #[test]

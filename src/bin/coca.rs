@@ -106,6 +106,13 @@ struct StreamArgs {
     /// Serve a live annotated preview at this address, e.g. 127.0.0.1:8090 (page at /, MJPEG at /stream.mjpg)
     #[arg(long, value_name = "ADDR")]
     preview: Option<String>,
+    /// A head trained with `coca head train`, run on every frame beside the labels
+    #[arg(long, value_name = "HEAD.json")]
+    head: Option<PathBuf>,
+    /// Teach mode (with --preview): the page's "save this frame" button (or POST
+    /// /teach?class=NAME) saves the current frame as DIR/NAME/*.jpg, for `coca head train --data DIR`
+    #[arg(long, value_name = "DIR", requires = "preview")]
+    teach: Option<PathBuf>,
     #[command(flatten)]
     opts: CaptionOpts,
 }
@@ -984,7 +991,10 @@ fn parse_size(spec: &str, what: &str) -> Result<(u32, u32)> {
 fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     use coca_edge::source::{camera, SourceOptions};
     use coca_edge::stream::{self, overlay, preview::Preview, save::SaveTo, StreamOptions};
-    let (labels, templates) = a.labels.load()?;
+    let (labels, templates) = a.labels.load_opt()?;
+    if labels.is_empty() && a.head.is_none() {
+        anyhow::bail!("give --labels, --labels-file or --head");
+    }
     let raw = a.input_format.as_deref().map(coca_edge::source::parse_input_format).transpose()?;
     if let Some(t) = a.caption_on_change {
         if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
@@ -1012,7 +1022,7 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     }
     // outputs first: a bad --save or a busy --preview port fails before the model loads
     let mut save = a.save.as_deref().map(SaveTo::create).transpose()?;
-    let preview = a.preview.as_deref().map(Preview::start).transpose()?;
+    let preview = a.preview.as_deref().map(|addr| Preview::start_with(addr, a.teach.clone())).transpose()?;
     if let Some(pv) = &preview {
         if !g.quiet {
             eprintln!("preview: http://{}/", pv.addr());
@@ -1021,8 +1031,10 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     let p = open_pipeline(g, true)?;
     let source_opts = SourceOptions { raw, limits: p.options().limits, camera: cam, ..Default::default() };
     let source = coca_edge::source::open_source_with(&a.input, &source_opts)?;
-    let set = p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |_, _| {})?;
+    let set = if labels.is_empty() { None } else { Some(p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |_, _| {})?) };
+    let head = a.head.as_deref().map(|h| p.load_head(h)).transpose()?;
     let opts = StreamOptions {
+        head,
         every_frame: a.every_frame,
         caption_every: a.caption_every,
         caption_on_change: a.caption_on_change,
@@ -1037,7 +1049,7 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut last_caption: Option<String> = None;
     let mut fps = FpsMeter::default();
-    let summary = stream::run(&p, source, Some(&set), &opts, &SHUTDOWN, |r, frame| {
+    let summary = stream::run(&p, source, set.as_ref(), &opts, &SHUTDOWN, |r, frame| {
         let line = serde_json::to_string(r).map_err(|e| coca_edge::Error::InvalidArgument(e.to_string()))?;
         writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| coca_edge::Error::Io { path: "stdout".into(), source: e })?;
         let rate = fps.tick();
@@ -1053,6 +1065,9 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
             if let Some(pv) = &preview {
                 pv.publish(jpeg, line);
             }
+        }
+        if let Some(pv) = preview.as_ref().filter(|pv| pv.teaching()) {
+            pv.publish_raw(std::sync::Arc::new(frame.image.clone()), r.frame);
         }
         if status {
             eprint!(

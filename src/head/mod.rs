@@ -96,7 +96,8 @@ impl Head {
     /// Read a head file and check it belongs to the bundle `bundle_id`.
     pub fn load(path: &Path, bundle_id: &str) -> Result<Head> {
         let bad = |m: String| Error::Labels { what: path.display().to_string(), message: m };
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let text = String::from_utf8(bytes).map_err(|_| bad("not a head file (not UTF-8 text)".into()))?;
         let h: Head = serde_json::from_str(&text).map_err(|e| bad(format!("not a head file: {e}")))?;
         if h.format != HEAD_FORMAT {
             return Err(bad(format!("format '{}' is not {HEAD_FORMAT}", h.format)));

@@ -42,11 +42,13 @@ pub struct StreamOptions {
     pub max_frames: Option<u64>,
     /// fail with [`crate::Error::Watchdog`] when no frame arrives for this long
     pub watchdog: Option<Duration>,
+    /// a trained head, run on every processed frame beside the zero-shot labels
+    pub head: Option<crate::head::Head>,
 }
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { every_frame: false, caption_every: 0, caption_on_change: None, caption: CaptionOptions::default(), top_k: 3, max_frames: None, watchdog: None }
+        StreamOptions { every_frame: false, caption_every: 0, caption_on_change: None, caption: CaptionOptions::default(), top_k: 3, max_frames: None, watchdog: None, head: None }
     }
 }
 
@@ -77,6 +79,9 @@ pub struct FrameReport {
     /// source timestamp in ms
     pub t_ms: f64,
     pub labels: Vec<LabelScore>,
+    /// the head's classes (`--head`), most probable first
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<Vec<LabelScore>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caption: Option<String>,
     pub latency: Latency,
@@ -310,6 +315,7 @@ fn process_loop(
             Some(set) => p.classify(&feats, set, opts.top_k)?,
             None => Vec::new(),
         };
+        let head = opts.head.as_ref().map(|h| p.classify_head(&feats, h, opts.top_k)).transpose()?;
         let t3 = Instant::now();
         let due_every = opts.caption_every > 0 && processed % opts.caption_every as u64 == 0;
         let due_change = match (opts.caption_on_change, &last_caption_emb) {
@@ -347,6 +353,7 @@ fn process_loop(
             frame: frame.seq,
             t_ms: frame.timestamp.as_secs_f64() * 1e3,
             labels: scores.iter().map(|s| LabelScore { label: s.label.clone(), p: s.probability }).collect(),
+            head: head.map(|h| h.iter().map(|s| LabelScore { label: s.label.clone(), p: s.probability }).collect()),
             latency,
             caption,
             captured,

@@ -18,6 +18,7 @@ pub const LABEL_RGB: [u8; 3] = [80, 255, 120];
 pub const LABEL_COLOR: Rgb888 = Rgb888::new(LABEL_RGB[0], LABEL_RGB[1], LABEL_RGB[2]);
 pub const CAPTION_COLOR: Rgb888 = Rgb888::new(255, 255, 255);
 pub const FPS_COLOR: Rgb888 = Rgb888::new(255, 220, 0);
+pub const HEAD_COLOR: Rgb888 = Rgb888::new(120, 200, 255);
 
 /// An RGB8 frame being annotated.
 pub struct Annotated {
@@ -101,11 +102,18 @@ pub fn annotate(image: &DecodedImage, report: &FrameReport, caption: Option<&str
     let (cw, ch) = (font.character_size.width as i32, font.character_size.height as i32 + 2);
     let mut c = Canvas { w, h, px: &mut rgb };
     let pad = 4;
-    if !report.labels.is_empty() {
-        c.shade(0, (report.labels.len() as i32 * ch + 2 * pad) as u32);
-        for (i, l) in report.labels.iter().enumerate() {
-            let line = format!("{:>3.0}% {}", l.p * 100.0, l.label);
-            c.text(&line, pad, pad + i as i32 * ch, font, LABEL_COLOR);
+    // zero-shot labels in green, then the head's classes in blue
+    let head = report.head.as_deref().unwrap_or(&[]);
+    let lines: Vec<(String, Rgb888)> = report
+        .labels
+        .iter()
+        .map(|l| (format!("{:>3.0}% {}", l.p * 100.0, l.label), LABEL_COLOR))
+        .chain(head.iter().map(|l| (format!("{:>3.0}% {} (head)", l.p * 100.0, l.label), HEAD_COLOR)))
+        .collect();
+    if !lines.is_empty() {
+        c.shade(0, (lines.len() as i32 * ch + 2 * pad) as u32);
+        for (i, (line, color)) in lines.iter().enumerate() {
+            c.text(line, pad, pad + i as i32 * ch, font, *color);
         }
     }
     if let Some(fps) = fps {
@@ -146,6 +154,7 @@ mod tests {
             frame: 0,
             t_ms: 0.0,
             labels: vec![LabelScore { label: "red circle".into(), p: 0.9 }],
+            head: None,
             caption: None,
             latency: Latency::default(),
             captured: 1,

@@ -30,8 +30,8 @@ static void on_log(int32_t level, const char *message, void *user) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s BUNDLE\n", argv[0]);
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s BUNDLE HEAD HEAD_OF_ANOTHER_BUNDLE\n", argv[0]);
         return 2;
     }
     const char *bundle = argv[1];
@@ -70,7 +70,7 @@ int main(int argc, char **argv) {
     bad = opts;
     bad.board = "toaster";
     CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_INVALID_ARGUMENT && model == NULL);
-    CHECK(strstr(coca_last_error(), "rpi5") != NULL);
+    CHECK(strstr(coca_last_error(), "raspberry-pi-5") != NULL);
     bad = opts;
     bad.board = "\xff";
     CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_INVALID_UTF8 && model == NULL);
@@ -136,6 +136,35 @@ int main(int argc, char **argv) {
         CHECK(coca_model_process(model, rgb, sizeof rgb, widths[i], h, 0, (CocaPixelFormat)formats[i], 2, &result) == COCA_STATUS_OK);
         coca_result_free(&result);
     }
+
+    /* heads: loaded from a file, refused for another bundle, scored from the same pass */
+    CHECK(coca_model_set_head(NULL, argv[2]) == COCA_STATUS_NULL_POINTER);
+    CHECK(coca_model_set_head(model, "\xff") == COCA_STATUS_INVALID_UTF8);
+    CHECK(coca_model_set_head(model, "/nonexistent/head.json") == COCA_STATUS_IO);
+    CHECK(coca_model_set_head(model, argv[0]) == COCA_STATUS_LABELS); /* not a head file */
+    CHECK(coca_model_set_head(model, argv[3]) == COCA_STATUS_LABELS);
+    CHECK(strstr(coca_last_error(), "trained on bundle") != NULL);
+    CHECK(coca_model_set_head(model, argv[2]) == COCA_STATUS_OK);
+    CHECK(coca_model_process(model, rgb, sizeof rgb, W, H, 0, COCA_PIXEL_FORMAT_RGB8, 2, &result) == COCA_STATUS_OK);
+    {
+        CocaLabelScore head[4], zs[4];
+        size_t nh = 99, nz = 99;
+        CHECK(coca_result_head_labels(NULL, head, 4, &nh) == COCA_STATUS_NULL_POINTER);
+        CHECK(coca_result_head_labels(result, head, 4, NULL) == COCA_STATUS_NULL_POINTER);
+        CHECK(coca_result_head_labels(result, NULL, 4, &nh) == COCA_STATUS_NULL_POINTER);
+        CHECK(coca_result_head_labels(result, head, 4, &nh) == COCA_STATUS_OK && nh == 2);
+        CHECK(head[0].label != NULL && head[0].probability >= head[1].probability && head[0].probability + head[1].probability <= 1.0001f);
+        CHECK(coca_result_labels(result, zs, 4, &nz) == COCA_STATUS_OK && nz == 2);
+    }
+    coca_result_free(&result);
+    CHECK(coca_model_set_head(model, NULL) == COCA_STATUS_OK);
+    CHECK(coca_model_process(model, rgb, sizeof rgb, W, H, 0, COCA_PIXEL_FORMAT_RGB8, 2, &result) == COCA_STATUS_OK);
+    {
+        CocaLabelScore head[2];
+        size_t nh = 99;
+        CHECK(coca_result_head_labels(result, head, 2, &nh) == COCA_STATUS_OK && nh == 0);
+    }
+    coca_result_free(&result);
 
     /* results */
     CHECK(coca_model_process(model, rgb, sizeof rgb, W, H, 0, COCA_PIXEL_FORMAT_RGB8, 2, &result) == COCA_STATUS_OK);
