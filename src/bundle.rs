@@ -125,6 +125,10 @@ pub struct Dims {
     pub embed_dim: usize,
     pub caption_tokens: usize,
     pub token_dim: usize,
+    /// `[tokens, width]` of the image encoder's optional third output, the ViT's tokens before
+    /// the attentional pooler (exported with `--frozen-tokens`, for attentional-pooler heads)
+    #[serde(default)]
+    pub frozen_tokens: Option<[usize; 2]>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -700,7 +700,7 @@ pub unsafe extern "C" fn coca_model_caption(
             opts.seed = o.seed;
         }
         let inner = lock(m)?;
-        let features = crate::model::ImageFeatures { embedding: r.embedding.clone(), tokens: r.tokens.clone() };
+        let features = crate::model::ImageFeatures { embedding: r.embedding.clone(), tokens: r.tokens.clone(), frozen_tokens: Vec::new() };
         let c = inner.pipeline.caption(&features, &opts, |_, _| {})?;
         let text = CString::new(c.text.replace('\0', " ")).unwrap_or_default();
         let bytes = text.as_bytes_with_nul();

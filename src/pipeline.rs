@@ -273,6 +273,13 @@ impl Pipeline {
     /// another bundle is refused.
     pub fn load_head(&self, path: &Path) -> Result<crate::head::Head> {
         let h = crate::head::Head::load(path, self.bundle.id())?;
+        if h.kind == crate::head::HeadKind::AttentionalPooler {
+            let want = self.bundle.manifest().dims.frozen_tokens;
+            if want != Some([h.tokens.unwrap_or(0), h.dim]) {
+                return Err(Error::Labels { what: path.display().to_string(), message: format!("head reads {:?}x{} frozen tokens, the model offers {want:?}", h.tokens, h.dim) });
+            }
+            return Ok(h);
+        }
         if h.dim != self.bundle.manifest().dims.embed_dim {
             return Err(Error::Labels { what: path.display().to_string(), message: format!("head is for {}-dim embeddings, the model has {}", h.dim, self.bundle.manifest().dims.embed_dim) });
         }
@@ -281,7 +288,7 @@ impl Pipeline {
 
     /// A head's classes for one encoder pass (side by side with [`Pipeline::classify`]).
     pub fn classify_head(&self, features: &ImageFeatures, head: &crate::head::Head, top_k: usize) -> Result<Vec<Score>> {
-        head.classify(&features.embedding, top_k)
+        head.classify_features(features, top_k)
     }
 
     /// Train a head on labelled images (`ds`), embeddings cached; stamps it with this bundle.

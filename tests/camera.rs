@@ -62,7 +62,10 @@ impl Fake {
 impl CaptureDevice for Fake {
     fn open(&mut self) -> io::Result<Negotiated> {
         self.log.lock().unwrap().opens += 1;
-        match self.next_ev() {
+        // past the script (a capture thread may run on after the test has what it needs), the
+        // device stays away
+        let ev = self.script.pop_front().unwrap_or(Ev::OpenFails);
+        match ev {
             Ev::Open => Ok(Negotiated { format: CameraFormat::Raw { format: PixelFormat::Yuyv, stride: 0 }, width: W, height: H, fps: Some(30.0) }),
             Ev::OpenFails => Err(io::Error::from_raw_os_error(2)),
             other => panic!("script expects {other:?} at open"),
@@ -193,7 +196,8 @@ fn the_stream_survives_an_unplug_and_replug() {
     let opts = StreamOptions { every_frame: true, max_frames: Some(10), watchdog: Some(Duration::from_secs(20)), ..Default::default() };
     let s = stream::run(&pipeline(), Box::new(cam), None, &opts, &AtomicBool::new(false), |_, _| Ok(())).unwrap();
     assert_eq!((s.processed, s.reconnects, s.bad_frames), (10, 1, 0), "{s:?}");
-    assert_eq!(log.lock().unwrap().opens, 5);
+    // 1 + 3 failed + 1 reopen; the capture thread may try again after the 10th frame
+    assert!(log.lock().unwrap().opens >= 5);
 }
 
 #[test]

@@ -186,3 +186,45 @@ fn bad_training_data_gets_clear_errors() {
     one_line_error(&out(&one, &["--shots", "0"]), "--shots");
     one_line_error(&out(&one, &["--folds", "1"]), "--folds");
 }
+
+/// The attentional-pooler head (trained in PyTorch on frozen tokens, models/train/
+/// train_ap_head.py) runs in our runtime with PyTorch's logits within 1e-4, and classifies the
+/// new objects as the script measured (docs/heads.md).
+#[test]
+fn attentional_pooler_head_matches_pytorch() {
+    let p = default_model();
+    let dir = root().join("tests/fixtures/heads/novel");
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("ap_golden.json")).unwrap()).unwrap();
+    let head = p.load_head(&dir.join(golden["head"].as_str().unwrap())).unwrap();
+    assert_eq!(head.kind, HeadKind::AttentionalPooler);
+    let tol = golden["tolerance"].as_f64().unwrap() as f32;
+    let mut worst = 0f32;
+    for (img, want) in golden["images"].as_array().unwrap().iter().zip(golden["logits"].as_array().unwrap()) {
+        let f = p.embed_path(&dir.join(img.as_str().unwrap())).unwrap();
+        let got = head.graph_logits(&f).unwrap();
+        let want: Vec<f32> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(got.len(), want.len());
+        worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+    }
+    eprintln!("attentional-pooler head: worst |logit - PyTorch| = {worst:.2e}");
+    assert!(worst <= tol, "{worst} > {tol}");
+    // accuracy through the runtime on the held-out new objects
+    let test = Dataset::scan(&dir.join("test.tsv")).unwrap();
+    let mut ok = 0;
+    for (path, k) in &test.items {
+        let f = p.embed_path(path).unwrap();
+        ok += (head.classify_features(&f, 1).unwrap()[0].label == test.classes[*k]) as usize;
+    }
+    let acc = ok as f32 / test.items.len() as f32;
+    eprintln!("attentional-pooler head, 10 shots, new objects: {:.1}%", acc * 100.0);
+    assert!(acc >= 0.87, "{acc}");
+    // a damaged graph is refused by its hash
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("ap_head.json"), tmp.path().join("ap_head.json")).unwrap();
+    std::fs::write(tmp.path().join("ap_head.onnx"), b"not onnx").unwrap();
+    let e = p.load_head(&tmp.path().join("ap_head.json")).unwrap_err().to_string();
+    assert!(e.contains("sha256"), "{e}");
+    // and a bundle without frozen tokens cannot use it
+    let other = Pipeline::open(root().join(coca_edge::TEST_BUNDLE), PipelineOptions::default()).unwrap();
+    assert!(other.load_head(&dir.join("ap_head.json")).is_err());
+}

@@ -147,13 +147,24 @@ def build_random(name, seed):
 # --------------------------------------------------------------------------------------------
 
 class ImageEncoder(torch.nn.Module):
-    def __init__(self, model):
+    """embedding, captioning tokens; with frozen=True also the ViT's token output before the
+    attentional pooler (what attentional-pooler heads are trained on), the same computation as
+    open_clip's VisionTransformer.forward."""
+    def __init__(self, model, frozen=False):
         super().__init__()
         self.visual = model.visual
+        self.frozen = frozen
 
     def forward(self, image):
-        pooled, tokens = self.visual(image)
-        return F.normalize(pooled, dim=-1), tokens
+        if not self.frozen:
+            pooled, tokens = self.visual(image)
+            return F.normalize(pooled, dim=-1), tokens
+        v = self.visual
+        x = v.transformer(v._embeds(image))
+        pooled, tokens = v._pool(x)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return F.normalize(pooled, dim=-1), tokens, x
 
 
 class TextEncoder(torch.nn.Module):
@@ -367,6 +378,9 @@ def main(argv=None):
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
     ap.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    ap.add_argument("--frozen-tokens", action="store_true",
+                    help="add the image encoder's token output before the attentional pooler as a third "
+                         "output (frozen_tokens), for attentional-pooler heads (models/train/train_ap_head.py)")
     ap.add_argument("--caption-search", choices=["beam", "greedy"], default=None,
                     help="the model's default caption search, when the user names none (default: the "
                          "runtime's, open_clip's beam search); greedy suits models trained on several "
@@ -406,10 +420,12 @@ def main(argv=None):
     AttentionalPooler.forward = _pooler_forward_batch_dependent
     img_path = os.path.join(out, "image_encoder.onnx")
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    enc = ImageEncoder(model).eval()
+    enc = ImageEncoder(model, args.frozen_tokens).eval()
     log("exporting image_encoder ...")
-    export_graph(enc, (example,), img_path, ["image"], ["embedding", "tokens"],
-                 {"image": {0: "batch"}, "embedding": {0: "batch"}, "tokens": {0: "batch"}}, args.opset)
+    img_outputs = ["embedding", "tokens"] + (["frozen_tokens"] if args.frozen_tokens else [])
+    export_graph(enc, (example,), img_path, ["image"], img_outputs, {k: {0: "batch"} for k in ["image"] + img_outputs}, args.opset)
+    if args.frozen_tokens:
+        frozen_shape = [int(d) for d in enc(torch.zeros(1, 3, size, size))[2].shape[1:]]
     check_onnx(img_path)
 
     # ---- text encoder
@@ -440,7 +456,7 @@ def main(argv=None):
     ck_path = os.path.join(out, "cross_kv.onnx")
     step_path = os.path.join(out, "decoder_step.onnx")
     with torch.no_grad():
-        _, ex_tokens = enc(example[:1])
+        ex_tokens = enc(example[:1])[1]
     log("exporting cross_kv ...")
     export_graph(cross, (ex_tokens,), ck_path, ["tokens"], ["cross_kv"], None, args.opset)
     check_onnx(ck_path)
@@ -462,10 +478,12 @@ def main(argv=None):
     verify = {}
     if not args.no_verify:
         x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
-        ref_e, ref_t = enc(x)
-        got_e, got_t = ort_run(img_path, {"image": x.numpy()})
-        verify["image_embedding_max_abs"] = float(np.abs(got_e - ref_e.numpy()).max())
-        verify["image_tokens_max_abs"] = float(np.abs(got_t - ref_t.numpy()).max())
+        refs = enc(x)
+        gots = ort_run(img_path, {"image": x.numpy()})
+        verify["image_embedding_max_abs"] = float(np.abs(gots[0] - refs[0].numpy()).max())
+        verify["image_tokens_max_abs"] = float(np.abs(gots[1] - refs[1].numpy()).max())
+        if args.frozen_tokens:
+            verify["image_frozen_tokens_max_abs"] = float(np.abs(gots[2] - refs[2].numpy()).max())
         t = tokenizer(["a red circle", "two small blue squares at the top", ""])
         ref = model.encode_text(t, normalize=True)
         (got,) = ort_run(txt_path, {"text": t.numpy()})
@@ -556,7 +574,8 @@ def main(argv=None):
                 "precisions": {"f32": "image_encoder.onnx"},
                 "inputs": [io_spec("image", "f32", ["batch", 3, size, size])],
                 "outputs": [io_spec("embedding", "f32", ["batch", embed_dim]),
-                            io_spec("tokens", "f32", ["batch", n_tokens, token_dim])],
+                            io_spec("tokens", "f32", ["batch", n_tokens, token_dim])]
+                           + ([io_spec("frozen_tokens", "f32", ["batch"] + frozen_shape)] if args.frozen_tokens else []),
             },
             "text_encoder": {
                 "precisions": {"f32": "text_encoder.onnx"},
@@ -581,6 +600,8 @@ def main(argv=None):
         "verify": verify,
         "files": files,
     }
+    if args.frozen_tokens:
+        manifest["dims"]["frozen_tokens"] = frozen_shape
     if meta.get("templates"):
         manifest["classify"] = {"templates": list(meta["templates"])}
     if args.caption_search:

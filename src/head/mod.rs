@@ -28,6 +28,9 @@ pub const HEAD_VERSION: u32 = 1;
 pub enum HeadKind {
     Linear,
     Prototype,
+    /// a fresh attentional pooler + linear layer on the ViT's frozen tokens, an ONNX graph
+    /// trained in PyTorch (models/train/train_ap_head.py)
+    AttentionalPooler,
 }
 
 impl std::str::FromStr for HeadKind {
@@ -36,7 +39,7 @@ impl std::str::FromStr for HeadKind {
         match s {
             "linear" => Ok(HeadKind::Linear),
             "prototype" => Ok(HeadKind::Prototype),
-            _ => Err(Error::InvalidArgument(format!("head kind '{s}': use linear or prototype"))),
+            _ => Err(Error::InvalidArgument(format!("head kind '{s}': use linear or prototype (attentional-pooler heads are trained in PyTorch: models/train/train_ap_head.py)"))),
         }
     }
 }
@@ -65,11 +68,99 @@ pub struct Head {
     #[serde(default)]
     pub cv_accuracy: Option<f32>,
     pub images_per_class: Vec<usize>,
+    /// attentional-pooler heads: the ONNX graph (next to the head file), its sha256, and the
+    /// number of frozen tokens it reads (`dim` is their width)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<usize>,
+    #[serde(skip)]
+    runner: GraphRunner,
+}
+
+/// The loaded graph of an attentional-pooler head (compared as equal: it follows the file).
+#[derive(Clone, Default)]
+struct GraphRunner(Option<std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>>);
+
+impl PartialEq for GraphRunner {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for GraphRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "GraphRunner(loaded)" } else { "GraphRunner(none)" })
+    }
 }
 
 impl Head {
-    /// Logits for one embedding.
+    /// Classes with probabilities from one encoder pass: the embedding for linear and
+    /// prototype heads, the frozen tokens for attentional-pooler heads.
+    pub fn classify_features(&self, f: &crate::model::ImageFeatures, top_k: usize) -> Result<Vec<Score>> {
+        if self.kind != HeadKind::AttentionalPooler {
+            return self.classify(&f.embedding, top_k);
+        }
+        use tract_onnx::prelude::*;
+        let (t, w) = (self.tokens.unwrap_or(0), self.dim);
+        if f.frozen_tokens.len() != t * w {
+            return Err(Error::InvalidArgument(format!(
+                "this attentional-pooler head reads {t}x{w} frozen tokens, the image encoder gave {} values (export the bundle with --frozen-tokens)",
+                f.frozen_tokens.len()
+            )));
+        }
+        let plan = self.runner.0.as_ref().ok_or_else(|| Error::InvalidArgument("head graph not loaded".into()))?;
+        let input = Tensor::from_shape(&[1, t, w], &f.frozen_tokens).map_err(|e| Error::engine("head input", e))?;
+        let out = plan.run(tvec!(input.into_tvalue())).map_err(|e| Error::engine("head graph", e))?;
+        let z = out[0].try_as_plain_ram().and_then(|p| p.as_slice::<f32>()).map_err(|e| Error::engine("head output", e))?;
+        if z.len() != self.classes.len() {
+            return Err(Error::engine("head graph", format!("{} logits for {} classes", z.len(), self.classes.len())));
+        }
+        let p = softmax(z);
+        let mut s: Vec<Score> = p.iter().enumerate().map(|(i, &p)| Score { label: self.classes[i].clone(), index: i, probability: p, cosine: z[i] }).collect();
+        s.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+        s.truncate(top_k.max(1));
+        Ok(s)
+    }
+
+    /// The raw logits of an attentional-pooler head (for golden tests).
+    pub fn graph_logits(&self, f: &crate::model::ImageFeatures) -> Result<Vec<f32>> {
+        let mut s = self.classify_features(f, self.classes.len())?;
+        s.sort_by_key(|s| s.index);
+        Ok(s.into_iter().map(|s| s.cosine).collect())
+    }
+
+    fn load_graph(&mut self, head_path: &Path) -> Result<()> {
+        use tract_onnx::prelude::*;
+        let bad = |m: String| Error::Labels { what: head_path.display().to_string(), message: m };
+        let name = self.graph.clone().ok_or_else(|| bad("an attentional-pooler head names no graph".into()))?;
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(bad(format!("graph '{name}' must be a file next to the head file")));
+        }
+        let path = head_path.parent().unwrap_or(Path::new(".")).join(&name);
+        let sha = crate::bundle::sha256_file(&path)?;
+        if Some(sha.as_str()) != self.graph_sha256.as_deref() {
+            return Err(bad(format!("{}: sha256 {sha} differs from the head file's", path.display())));
+        }
+        let (t, w) = (self.tokens.ok_or_else(|| bad("no token count".into()))?, self.dim);
+        let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
+        let plan = tract_onnx::onnx()
+            .model_for_path(&path)
+            .and_then(|m| m.with_input_fact(0, f32::fact([1, t, w]).into()))
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(engine)?;
+        self.runner = GraphRunner(Some(plan));
+        Ok(())
+    }
+
+    /// Logits for one embedding (linear and prototype heads).
     pub fn logits(&self, embedding: &[f32]) -> Result<Vec<f32>> {
+        if self.kind == HeadKind::AttentionalPooler {
+            return Err(Error::InvalidArgument("an attentional-pooler head reads frozen tokens, not the embedding: use classify_features".into()));
+        }
         if embedding.len() != self.dim {
             return Err(Error::InvalidArgument(format!("head expects {}-dim embeddings, got {}", self.dim, embedding.len())));
         }
@@ -105,7 +196,18 @@ impl Head {
         if h.version != HEAD_VERSION {
             return Err(bad(format!("head version {} (this build reads {HEAD_VERSION})", h.version)));
         }
+        let mut h = h;
         let c = h.classes.len();
+        if h.kind == HeadKind::AttentionalPooler {
+            if c < 2 || h.dim == 0 || h.images_per_class.len() != c {
+                return Err(bad(format!("inconsistent sizes ({c} classes, dim {})", h.dim)));
+            }
+            if h.bundle_id != bundle_id {
+                return Err(bad(format!("trained on bundle {} ({}), not on this one ({bundle_id}): train it again", h.bundle_id, h.bundle_name)));
+            }
+            h.load_graph(path)?;
+            return Ok(h);
+        }
         if c < 2 || h.dim == 0 || h.weights.len() != c * h.dim || h.bias.len() != c || h.images_per_class.len() != c {
             return Err(bad(format!("inconsistent sizes ({c} classes, dim {}, {} weights, {} biases)", h.dim, h.weights.len(), h.bias.len())));
         }
@@ -190,6 +292,9 @@ pub fn train(classes: &[String], x: &[Vec<f32>], y: &[usize], opts: &TrainOption
         return Err(Error::InvalidArgument(format!("class '{}' has no images", classes[i])));
     }
     let min = *counts.iter().min().unwrap();
+    if opts.kind == Some(HeadKind::AttentionalPooler) {
+        return Err(Error::InvalidArgument("attentional-pooler heads are trained in PyTorch: models/train/train_ap_head.py".into()));
+    }
     let kind = opts.kind.unwrap_or(if min >= 2 { HeadKind::Linear } else { HeadKind::Prototype });
     if kind == HeadKind::Linear && min < 2 {
         let i = counts.iter().position(|&n| n == min).unwrap();
@@ -206,7 +311,7 @@ pub fn train(classes: &[String], x: &[Vec<f32>], y: &[usize], opts: &TrainOption
     let fit = |rows: &[usize], l2: f32, warm: Option<&[f32]>| -> Vec<f32> {
         match kind {
             HeadKind::Linear => fit_logistic(&xs, y, rows, c, dim, l2, warm),
-            HeadKind::Prototype => prototypes(x, y, rows, c, dim),
+            HeadKind::Prototype | HeadKind::AttentionalPooler => prototypes(x, y, rows, c, dim),
         }
     };
     let predict = |params: &[f32], v: &[f32]| -> usize {
@@ -274,6 +379,10 @@ pub fn train(classes: &[String], x: &[Vec<f32>], y: &[usize], opts: &TrainOption
         l2: (kind == HeadKind::Linear).then_some(l2),
         cv_accuracy: best.as_ref().map(|b| b.1),
         images_per_class: counts,
+        graph: None,
+        graph_sha256: None,
+        tokens: None,
+        runner: GraphRunner::default(),
     };
     let report = TrainReport {
         kind,

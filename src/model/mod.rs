@@ -242,6 +242,9 @@ pub struct ImageFeatures {
     pub embedding: Vec<f32>,
     /// Captioning tokens, `caption_tokens x token_dim` values, row-major.
     pub tokens: Vec<f32>,
+    /// The ViT's tokens before the attentional pooler (`dims.frozen_tokens`), when the bundle
+    /// was exported with them; empty otherwise.
+    pub frozen_tokens: Vec<f32>,
 }
 
 /// `image_encoder`: preprocessed image -> embedding + captioning tokens (batch 1).
@@ -268,8 +271,9 @@ impl ImageEncoder {
             }
             Ok(())
         };
-        if graph.inputs.len() != 1 || graph.outputs.len() != 2 {
-            return Err(Error::GraphMismatch { path: graph.path.clone(), message: "image_encoder needs 1 input and 2 outputs".into() });
+        let n_out = if m.dims.frozen_tokens.is_some() { 3 } else { 2 };
+        if graph.inputs.len() != 1 || graph.outputs.len() != n_out {
+            return Err(Error::GraphMismatch { path: graph.path.clone(), message: format!("image_encoder needs 1 input and {n_out} outputs, has {} and {}", graph.inputs.len(), graph.outputs.len()) });
         }
         let size = m.image.size as usize;
         if concrete_shape(&graph.inputs[0], 1) != vec![1, 3, size, size] {
@@ -277,6 +281,9 @@ impl ImageEncoder {
         }
         expect(0, vec![1, m.dims.embed_dim])?;
         expect(1, vec![1, m.dims.caption_tokens, m.dims.token_dim])?;
+        if let Some([t, w]) = m.dims.frozen_tokens {
+            expect(2, vec![1, t, w])?;
+        }
         Ok(ImageEncoder { graph, size, embed_dim: m.dims.embed_dim, n_tokens: m.dims.caption_tokens, token_dim: m.dims.token_dim })
     }
 
@@ -290,9 +297,13 @@ impl ImageEncoder {
         let out = self.graph.run(tvec!(input.into_tvalue()))?;
         let embedding = f32_output(&out[0], "image_encoder output")?.to_vec();
         let tokens = f32_output(&out[1], "image_encoder output")?.to_vec();
+        let frozen_tokens = match out.get(2) {
+            Some(t) => f32_output(t, "image_encoder output")?.to_vec(),
+            None => Vec::new(),
+        };
         debug_assert_eq!(embedding.len(), self.embed_dim);
         debug_assert_eq!(tokens.len(), self.n_tokens * self.token_dim);
-        Ok(ImageFeatures { embedding, tokens })
+        Ok(ImageFeatures { embedding, tokens, frozen_tokens })
     }
 
     pub fn graph(&self) -> &Graph {
