@@ -38,7 +38,7 @@ impl Drop for Running {
 }
 
 /// Start the stream on a still photo repeated through stdin (about 20 frames/s) until dropped.
-fn start(save: &std::path::Path) -> Running {
+fn start(save: &std::path::Path, teach: &std::path::Path) -> Running {
     let img = load_image(&common::root().join("examples/large_orange_circle_top.jpg"), &Default::default()).unwrap();
     let (w, h) = (img.width(), img.height());
     let rgb = img.to_rgb8();
@@ -48,6 +48,8 @@ fn start(save: &std::path::Path) -> Running {
         .args(["--labels", "orange circle,red circle,blue square", "--caption-every", "5", "--preview", "127.0.0.1:0"])
         .arg("--save")
         .arg(save)
+        .arg("--teach")
+        .arg(teach)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -99,7 +101,8 @@ fn find_browser() -> Option<String> {
 fn preview_serves_a_page_and_a_multipart_jpeg_stream_a_browser_shows() {
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("annotated.mjpeg");
-    let run = start(&saved);
+    let taught = dir.path().join("taught");
+    let run = start(&saved, &taught);
     let base = format!("http://{}", run.addr);
 
     // the page
@@ -150,6 +153,21 @@ fn preview_serves_a_page_and_a_multipart_jpeg_stream_a_browser_shows() {
     let mut r = ureq::get(&format!("{base}/frame.jpg")).call().unwrap();
     let jpeg = r.body_mut().read_to_vec().unwrap();
     decode_image(&jpeg, "frame.jpg", &Default::default()).unwrap();
+
+    // teach mode: the current frame saved under a class, in the layout `coca head train` reads
+    let mut r = ureq::post(&format!("{base}/teach?class=orange%20circle")).send_empty().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!((v["class"].as_str(), v["count"].as_u64()), (Some("orange circle"), Some(1)), "{v}");
+    let files: Vec<_> = std::fs::read_dir(taught.join("orange circle")).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let img = load_image(&files[0].as_ref().unwrap().path(), &Default::default()).unwrap();
+    assert_eq!((img.width(), img.height()), run.size);
+    assert_eq!(label_pixels(&img.to_rgb8()), 0, "the taught frame has no overlay");
+    for bad in ["../x", "", ".hidden"] {
+        let e = ureq::post(&format!("{base}/teach?class={bad}")).send_empty();
+        assert!(matches!(e, Err(ureq::Error::StatusCode(400))), "class '{bad}': {e:?}");
+    }
+    assert!(page.contains("save this frame"), "the page offers teaching");
 
     // a browser shows it
     match find_browser() {
