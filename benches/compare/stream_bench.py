@@ -73,17 +73,19 @@ def main():
             mean = summary["mean_ms"]
             per_frame = summary["seconds"] * 1e3 / summary["processed"]
             enc = med("encoder_ms")
-            # stream overhead: the source (read + decode/convert, on its own thread) and the outputs
+            # stream overhead in CPU time: the source (read + decode/convert, on its own thread)
+            # and the outputs; in wall time: per frame beyond the models' own stages
             overhead = mean["capture"] + mean["outputs"]
+            wall = per_frame - (mean["preprocess"] + mean["encoder"] + mean["classify"])
             rows.append(f"| {name} | {outputs} | {args.threads} | {summary['processed']} | {summary['fps']:.1f} | {per_frame:.2f} | "
                         f"{mean['capture']:.2f} | {med('preprocess_ms'):.2f} | {enc:.2f} | {med('classify_ms'):.3f} | {mean['outputs']:.2f} | "
-                        f"{overhead:.2f} ({100 * overhead / enc:.1f}%) |")
+                        f"{overhead:.2f} ({100 * overhead / enc:.1f}%) | {wall:.2f} ({100 * wall / mean['encoder']:.1f}%) |")
     if args.md:
         cmd = " ".join(["models/.venv/bin/python benches/compare/stream_bench.py", *[f"--bundle {os.path.relpath(b, common.ROOT)}" for b in bundles],
                         f"--clip {args.clip}", f"--threads {args.threads}", f"--frames {args.frames}", "--md"])
         print(f"Command: `{cmd}` ({datetime.date.today().isoformat()}, {common.machine()})\n")
-        print("| bundle | outputs | threads | frames | frames/s | wall ms/frame | capture ms | preprocess ms | encoder ms | classify ms | outputs ms | stream overhead ms (of encoder) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| bundle | outputs | threads | frames | frames/s | wall ms/frame | capture ms | preprocess ms | encoder ms | classify ms | outputs ms | overhead, CPU: capture + outputs (of encoder) | overhead, wall: per frame beyond the models (of encoder) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -10,7 +10,7 @@ use embedded_graphics::prelude::*;
 use embedded_graphics::text::{Baseline, Text};
 
 use super::FrameReport;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::vision::DecodedImage;
 
 /// Label text colour (also what tests look for in a screenshot).
@@ -135,11 +135,7 @@ pub fn annotate(image: &DecodedImage, report: &FrameReport, caption: Option<&str
 impl Annotated {
     /// Baseline JPEG at `quality` (1..=100).
     pub fn to_jpeg(&self, quality: u8) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(self.rgb.len() / 8);
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
-            .encode(&self.rgb, self.width, self.height, image::ExtendedColorType::Rgb8)
-            .map_err(|e| Error::Image { name: "annotated frame".into(), message: e.to_string() })?;
-        Ok(out)
+        crate::vision::encode_jpeg(&self.rgb, self.width, self.height, quality)
     }
 }
 

@@ -266,10 +266,7 @@ fn teach(shared: &Shared, target: &str) -> std::result::Result<String, (&'static
     }
     let (img, frame) = shared.latest.lock().unwrap().raw.clone().ok_or(("503 Service Unavailable", "no frame yet".to_string()))?;
     let rgb = img.to_rgb8();
-    let mut jpeg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
-        .encode(&rgb, img.width(), img.height(), image::ExtendedColorType::Rgb8)
-        .map_err(|e| ("500 Internal Server Error", e.to_string()))?;
+    let jpeg = crate::vision::encode_jpeg(&rgb, img.width(), img.height(), 95).map_err(|e| ("500 Internal Server Error", e.to_string()))?;
     let cdir = dir.join(&class);
     std::fs::create_dir_all(&cdir).map_err(|e| ("500 Internal Server Error", format!("{}: {e}", cdir.display())))?;
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);

@@ -179,3 +179,60 @@ pub(crate) fn decode(
         },
     }
 }
+
+/// Encode packed RGB8 as a baseline JPEG (libjpeg-turbo's defaults: the fastest profile, not
+/// mozjpeg's trellis search) at `quality` 1..=100. For annotated frames (`--save`, the preview):
+/// several times faster than a pure-Rust encoder, which matters next to a 3 ms encoder.
+pub(crate) fn encode_rgb(rgb: &[u8], width: u32, height: u32, quality: u8) -> Result<Vec<u8>, String> {
+    let (w, h) = (width as usize, height as usize);
+    if w == 0 || h == 0 || rgb.len() != w * h * 3 || width > 65500 || height > 65500 {
+        return Err(format!("cannot encode a {width}x{height} RGB frame from {} bytes", rgb.len()));
+    }
+    let mut err: Box<ffi::jpeg_error_mgr> = Box::new(unsafe { std::mem::zeroed() });
+    let mut warnings = Box::new(Warnings::default());
+    let mut cinfo: Box<ffi::jpeg_compress_struct> = Box::new(unsafe { std::mem::zeroed() });
+    unsafe {
+        ffi::jpeg_std_error(&mut err);
+    }
+    err.error_exit = Some(error_exit);
+    err.emit_message = Some(emit_message);
+    cinfo.common.err = &mut *err;
+    cinfo.common.client_data = (&mut *warnings) as *mut Warnings as *mut _;
+    let mut buf: *mut u8 = std::ptr::null_mut();
+    let mut size: std::os::raw::c_ulong = 0;
+    let mut created = false;
+    let result = catch_unwind(AssertUnwindSafe(|| unsafe {
+        ffi::jpeg_create_compress(&mut *cinfo);
+        created = true;
+        ffi::jpeg_mem_dest(&mut cinfo, &mut buf, &mut size);
+        cinfo.image_width = width;
+        cinfo.image_height = height;
+        cinfo.input_components = 3;
+        cinfo.in_color_space = ffi::J_COLOR_SPACE::JCS_RGB;
+        ffi::jpeg_c_set_int_param(&mut cinfo, ffi::J_INT_PARAM::JINT_COMPRESS_PROFILE, ffi::JCP_FASTEST as c_int);
+        ffi::jpeg_set_defaults(&mut cinfo);
+        ffi::jpeg_set_quality(&mut cinfo, quality.clamp(1, 100) as c_int, 1);
+        ffi::jpeg_start_compress(&mut cinfo, 1);
+        while (cinfo.next_scanline as usize) < h {
+            let row = cinfo.next_scanline as usize;
+            let ptr = rgb[row * w * 3..].as_ptr();
+            ffi::jpeg_write_scanlines(&mut cinfo, &ptr, 1);
+        }
+        ffi::jpeg_finish_compress(&mut cinfo);
+    }));
+    if created {
+        unsafe { ffi::jpeg_destroy_compress(&mut cinfo) };
+    }
+    let out = if buf.is_null() { Vec::new() } else { unsafe { std::slice::from_raw_parts(buf, size as usize).to_vec() } };
+    if !buf.is_null() {
+        // jpeg_mem_dest's buffer comes from malloc
+        unsafe { libc::free(buf as *mut libc::c_void) };
+    }
+    match result {
+        Ok(()) => Ok(out),
+        Err(payload) => match payload.downcast::<Fatal>() {
+            Ok(f) => Err(f.0),
+            Err(p) => resume_unwind(p),
+        },
+    }
+}

@@ -30,6 +30,11 @@ mod resize;
 pub use decode::{decode_image, load_image};
 pub use frame::{frame_bytes, frame_to_image, PixelFormat, MAX_FRAME_SIDE};
 
+/// Encode packed RGB8 as a baseline JPEG through libjpeg-turbo (annotated frames, teach mode).
+pub fn encode_jpeg(rgb: &[u8], width: u32, height: u32, quality: u8) -> crate::error::Result<Vec<u8>> {
+    jpeg::encode_rgb(rgb, width, height, quality).map_err(|m| crate::error::Error::Image { name: "JPEG encoder".into(), message: m })
+}
+
 use crate::error::{Error, Result};
 use resize::Coeffs;
 
