@@ -179,6 +179,9 @@ def main():
     ap.add_argument("--hard-negatives", type=int, default=4,
                     help="group size G: batches are made of groups of G scenes that share color, position "
                          "and count (differing in shape and size), 0 for uniform batches")
+    ap.add_argument("--uniform-fraction", type=float, default=0.0,
+                    help="with --hard-negatives: this fraction of each batch is drawn uniformly instead "
+                         "(keeps the contrast on the attributes the groups share)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -234,7 +237,8 @@ def main():
 
     def grouped_batch():
         g = args.hard_negatives
-        out = []
+        n_uniform = int(round(args.uniform_fraction * args.batch))
+        out = list(rng.choice(len(attrs), size=n_uniform, replace=False)) if n_uniform else []
         while len(out) < args.batch:
             members = buckets[bucket_keys[rng.integers(len(bucket_keys))]]
             pick = rng.choice(len(members), size=min(g, len(members), args.batch - len(out)), replace=False)
