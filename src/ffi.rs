@@ -574,19 +574,24 @@ pub unsafe extern "C" fn coca_result_embedding(result: *const CocaResult, out: *
 pub unsafe extern "C" fn coca_result_labels(result: *const CocaResult, out: *mut CocaLabelScore, cap: usize, written: *mut usize) -> CocaStatus {
     guard(None, || {
         let r = result.as_ref().ok_or_else(|| fail(CocaStatus::NullPointer, "result is null"))?;
-        if written.is_null() {
-            return Err(fail(CocaStatus::NullPointer, "written is null"));
-        }
-        let n = r.scores.len().min(cap);
-        if n > 0 && out.is_null() {
-            return Err(fail(CocaStatus::NullPointer, "out is null"));
-        }
-        for (i, (s, c)) in r.scores.iter().zip(&r.labels_c).take(n).enumerate() {
-            out.add(i).write(CocaLabelScore { label: c.as_ptr(), index: s.index as u32, probability: s.probability, cosine: s.cosine });
-        }
-        written.write(n);
-        Ok(())
+        copy_scores(&r.scores, &r.labels_c, out, cap, written)
     })
+}
+
+/// Copy up to `cap` scores into `out` and their count into `*written` (labels and head labels).
+unsafe fn copy_scores(scores: &[Score], names: &[CString], out: *mut CocaLabelScore, cap: usize, written: *mut usize) -> Result<(), Fail> {
+    if written.is_null() {
+        return Err(fail(CocaStatus::NullPointer, "written is null"));
+    }
+    let n = scores.len().min(cap);
+    if n > 0 && out.is_null() {
+        return Err(fail(CocaStatus::NullPointer, "out is null"));
+    }
+    for (i, (s, c)) in scores.iter().zip(names).take(n).enumerate() {
+        out.add(i).write(CocaLabelScore { label: c.as_ptr(), index: s.index as u32, probability: s.probability, cosine: s.cosine });
+    }
+    written.write(n);
+    Ok(())
 }
 
 /// Set a head trained with `coca head train` (a JSON file at the UTF-8 path `head_path`; null
@@ -619,18 +624,7 @@ pub unsafe extern "C" fn coca_model_set_head(model: *mut CocaModel, head_path: *
 pub unsafe extern "C" fn coca_result_head_labels(result: *const CocaResult, out: *mut CocaLabelScore, cap: usize, written: *mut usize) -> CocaStatus {
     guard(None, || {
         let r = result.as_ref().ok_or_else(|| fail(CocaStatus::NullPointer, "result is null"))?;
-        if written.is_null() {
-            return Err(fail(CocaStatus::NullPointer, "written is null"));
-        }
-        let n = r.head_scores.len().min(cap);
-        if n > 0 && out.is_null() {
-            return Err(fail(CocaStatus::NullPointer, "out is null"));
-        }
-        for (i, (s, c)) in r.head_scores.iter().zip(&r.head_labels_c).take(n).enumerate() {
-            out.add(i).write(CocaLabelScore { label: c.as_ptr(), index: s.index as u32, probability: s.probability, cosine: s.cosine });
-        }
-        written.write(n);
-        Ok(())
+        copy_scores(&r.head_scores, &r.head_labels_c, out, cap, written)
     })
 }
 

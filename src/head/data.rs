@@ -11,17 +11,12 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::pipeline::Pipeline;
 
-const IMAGE_EXT: &[&str] = &["jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp", "pgm", "ppm", "pnm"];
 
 /// Classes and their images.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub classes: Vec<String>,
     pub items: Vec<(PathBuf, usize)>,
-}
-
-fn is_image(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).map(|e| IMAGE_EXT.contains(&e.to_ascii_lowercase().as_str())).unwrap_or(false)
 }
 
 impl Dataset {
@@ -51,7 +46,7 @@ impl Dataset {
         let mut items = Vec::new();
         for d in class_dirs {
             let name = d.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::InvalidArgument(format!("{}: class folder names must be UTF-8", d.display())))?;
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image(p)).collect();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| crate::source::is_image_file(p)).collect();
             files.sort();
             if files.is_empty() {
                 return Err(Error::InvalidArgument(format!("{}: class '{name}' has no images (jpg, png, ...)", d.display())));

@@ -139,6 +139,12 @@ fn open_camera(path: &str, _o: &SourceOptions) -> Result<Box<dyn FrameSource>> {
     })
 }
 
+/// Whether `p` has an image file extension (what folders of images are scanned for).
+pub fn is_image_file(p: &Path) -> bool {
+    const EXT: &[&str] = &["jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp", "pgm", "ppm", "pnm"];
+    p.extension().and_then(|e| e.to_str()).map(|e| EXT.contains(&e.to_ascii_lowercase().as_str())).unwrap_or(false)
+}
+
 /// A list of image files (a folder's images in name order).
 pub struct ImageFiles {
     files: Vec<PathBuf>,
@@ -154,11 +160,10 @@ impl ImageFiles {
     }
 
     pub fn from_dir(dir: &Path, limits: DecodeLimits) -> Result<ImageFiles> {
-        const EXT: &[&str] = &["jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp", "pgm", "ppm", "pnm"];
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().and_then(|e| e.to_str()).map(|e| EXT.contains(&e.to_ascii_lowercase().as_str())).unwrap_or(false))
+            .filter(|p| is_image_file(p))
             .collect();
         files.sort();
         if files.is_empty() {
