@@ -243,6 +243,30 @@ impl Bundle {
         })
     }
 
+    /// The precision `graph` is loaded at when `wanted` is asked for: `wanted` where the graph
+    /// has it, else f32 for a graph the bundle ships only in f32 (int8 image encoder beside an
+    /// f32 decoder, say); an error if no graph of the bundle has `wanted` at all.
+    pub fn graph_precision(&self, graph: &str, wanted: &str) -> Result<String> {
+        let spec = self.graph(graph)?;
+        if spec.precisions.contains_key(wanted) {
+            return Ok(wanted.to_string());
+        }
+        let any = self.manifest.graphs.values().any(|g| g.precisions.contains_key(wanted));
+        if !any || !spec.precisions.contains_key("f32") {
+            let mut all: Vec<&String> = self.manifest.graphs.values().flat_map(|g| g.precisions.keys()).collect();
+            all.sort();
+            all.dedup();
+            return Err(Error::Manifest {
+                path: self.dir.join(MANIFEST),
+                message: format!(
+                    "no '{wanted}' graphs in this bundle (it has: {}); export them with models/export/export.py --precision",
+                    all.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        Ok("f32".to_string())
+    }
+
     /// Path of the file for `graph` at `precision`, after checking it against the manifest.
     pub fn graph_file(&self, graph: &str, precision: &str) -> Result<PathBuf> {
         let spec = self.graph(graph)?;

@@ -408,7 +408,7 @@ pub unsafe extern "C" fn coca_model_open(bundle_dir: *const c_char, options: *co
             if backend != "cpu" {
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.backend '{backend}': only 'cpu' is available in this build")));
             }
-            opts.engine = EngineOptions { threads, precision };
+            opts.engine = EngineOptions { threads, precision, ..Default::default() };
             cache = o.label_cache != 0;
         }
         if cache {

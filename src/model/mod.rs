@@ -23,13 +23,17 @@ use crate::error::{Error, Result};
 pub struct EngineOptions {
     /// Threads for tract's matmul executor; 0 = all available cores.
     pub threads: usize,
-    /// Precision to load ("f32" for now; the bundle lists what it has).
+    /// Precision to load: "f32", "f16" or "int8"; a graph the bundle has only in f32 stays f32
+    /// (see [`Bundle::graph_precision`]).
     pub precision: String,
+    /// Load f16 graphs even where tract has no fp16 kernel for this CPU (see
+    /// [`check_precision`]).
+    pub force_precision: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { threads: 0, precision: "f32".into() }
+        EngineOptions { threads: 0, precision: "f32".into(), force_precision: false }
     }
 }
 
@@ -98,7 +102,9 @@ impl Graph {
     pub fn load(bundle: &Bundle, name: &str, bind: Binding, opts: &EngineOptions) -> Result<Graph> {
         let t0 = Instant::now();
         let spec: &GraphSpec = bundle.graph(name)?;
-        let path = bundle.graph_file(name, &opts.precision)?;
+        let precision = bundle.graph_precision(name, &opts.precision)?;
+        check_precision(&precision, opts.force_precision)?;
+        let path = bundle.graph_file(name, &precision)?;
         let mismatch = |message: String| Error::GraphMismatch { path: path.clone(), message };
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
 
@@ -568,6 +574,30 @@ pub fn cpu_features() -> Vec<&'static str> {
         }
     }
     v
+}
+
+/// Refuse f16 where tract's kernel selection has only its portable `generic_*` kernel for f16
+/// matrix products (every x86 CPU, aarch64 without fp16 arithmetic such as the Pi 4's
+/// Cortex-A72): it is correct there but hundreds of times slower than f32. `force` overrides.
+pub fn check_precision(precision: &str, force: bool) -> Result<()> {
+    match precision {
+        "f32" | "int8" => Ok(()),
+        "f16" => {
+            let k = kernel_report(768, 768, 50);
+            let fast = k.matmul_f16.as_deref().is_some_and(|n| !n.starts_with("generic"));
+            if fast || force {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "precision f16 declined: this CPU ({}) has no fp16 arithmetic tract can use (its f16 kernel would be {}, \
+                     hundreds of times slower than f32); use --precision f32 or int8, or --force-precision",
+                    k.level,
+                    k.matmul_f16.as_deref().unwrap_or("none")
+                )))
+            }
+        }
+        other => Err(Error::InvalidArgument(format!("unknown precision '{other}' (expected f32, f16 or int8)"))),
+    }
 }
 
 /// What tract's kernel selection sees on this machine: its ISA set (after any `TRACT_CPU_ISA`
