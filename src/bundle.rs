@@ -410,9 +410,20 @@ fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
+/// The model's identity: every file but the reduced-precision variants (int8, f16), which are
+/// derived from the f32 graphs. Adding variants to a bundle keeps its id, so heads trained on
+/// it stay valid; caches that depend on the precision key on it separately.
 fn bundle_id(m: &Manifest) -> String {
+    let f32_files: std::collections::BTreeSet<&String> =
+        m.graphs.values().filter_map(|g| g.precisions.get("f32")).collect();
+    let variants: std::collections::BTreeSet<&String> = m
+        .graphs
+        .values()
+        .flat_map(|g| g.precisions.iter().filter(|(p, _)| p.as_str() != "f32").map(|(_, f)| f))
+        .filter(|f| !f32_files.contains(f))
+        .collect();
     let mut h = Sha256::new();
-    for (name, f) in &m.files {
+    for (name, f) in m.files.iter().filter(|(name, _)| !variants.contains(name)) {
         h.update(name.as_bytes());
         h.update([0]);
         h.update(f.sha256.to_ascii_lowercase().as_bytes());

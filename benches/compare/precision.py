@@ -112,6 +112,97 @@ def ort_own_int8(bundle, feeds):
     return out
 
 
+def variant_bundle(bundle, manifest, name, graph_path):
+    """A bundle folder beside `bundle` whose int8 image encoder is `graph_path` (hard links)."""
+    import hashlib
+    d = os.path.join(os.path.dirname(os.path.abspath(bundle)), "precision-variants", name)
+    os.makedirs(d, exist_ok=True)
+    for f in os.listdir(bundle):
+        if f.endswith((".onnx", ".gz")) and ".int8." not in f and not os.path.exists(os.path.join(d, f)):
+            os.link(os.path.join(bundle, f), os.path.join(d, f))
+    target = os.path.join(d, "image_encoder.int8.onnx")
+    if os.path.exists(target):
+        os.remove(target)
+    os.link(graph_path, target)
+    m = json.loads(json.dumps(manifest))
+    m["graphs"]["image_encoder"]["precisions"]["int8"] = "image_encoder.int8.onnx"
+    with open(target, "rb") as f:
+        m["files"]["image_encoder.int8.onnx"] = {"sha256": hashlib.sha256(f.read()).hexdigest(), "size": os.path.getsize(target)}
+    for k in [k for k in m["files"] if ".int8." in k and k != "image_encoder.int8.onnx"]:
+        del m["files"][k]
+    for g in m["graphs"].values():
+        if g is not m["graphs"]["image_encoder"]:
+            g["precisions"].pop("int8", None)
+    with open(os.path.join(d, "coca.json"), "w") as f:
+        json.dump(m, f, indent=2)
+    return d
+
+
+def variants_table(coca, bundle, manifest, photos, runs, warmup):
+    """The int8 designs tried, each through coca-edge at 1 thread: accuracy and speed, one run."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    feeds = quantize.image_calibration(manifest, os.path.join(common.ROOT, "tests", "fixtures", "images"))
+    f32 = os.path.join(bundle, manifest["graphs"]["image_encoder"]["precisions"]["f32"])
+    work = os.path.join(os.path.dirname(os.path.abspath(bundle)), "precision-variants")
+    os.makedirs(work, exist_ok=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    def static(path, act_mm):
+        import onnx
+        m = onnx.load(f32, load_external_data=False)
+        inits = {i.name for i in m.graph.initializer}
+        exclude = [] if act_mm else [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+        quantize_static(f32, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                        nodes_to_exclude=exclude, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+
+    ours = os.path.join(bundle, manifest["graphs"]["image_encoder"]["precisions"]["int8"])
+    designs = [
+        ("onnxruntime dynamic (DynamicQuantizeLinear u8 + MatMulInteger)", "ort-dynamic",
+         lambda p: quantize_dynamic(f32, p, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"]), {}),
+        ("onnxruntime static QDQ, symmetric, weight products only", "ort-qdq-weights", lambda p: static(p, False), {}),
+        ("onnxruntime static QDQ, symmetric, all products", "ort-qdq-all", lambda p: static(p, True), {}),
+        (f"ours ({quantize.METHOD}), tract's own QuantizeLinear and LayerNorm", "ours-tract-ops", None, {"COCA_TRACT_OPS": "1"}),
+        (f"ours ({quantize.METHOD}), coca-edge's QuantizeLinear and LayerNorm", "ours", None, {}),
+    ]
+    image = os.path.join(common.ROOT, "tests", "fixtures", "images", "china.jpg")
+
+    def run(b, precision, env, args):
+        out = subprocess.run([coca, "--model", b, "--precision", precision, *args], capture_output=True, text=True,
+                             env={**os.environ, **env})
+        if out.returncode != 0:
+            raise SystemExit(f"error: coca {' '.join(args[:3])}: {out.stderr.strip()}")
+        return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+
+    base = [np.array(r["embedding"]) for r in run(bundle, "f32", {}, ["embed", "--json", *photos])]
+    f32_ms = run(bundle, "f32", {}, ["--threads", "1", "bench", image, "--json", "--runs", str(runs), "--warmup", str(warmup)])[0]["encoder_ms_median"]
+    f32_tract = run(bundle, "f32", {"COCA_TRACT_OPS": "1"}, ["--threads", "1", "bench", image, "--json", "--runs", str(runs), "--warmup", str(warmup)])[0]["encoder_ms_median"]
+    rows = [("f32, tract's own LayerNorm", f32_tract, os.path.getsize(f32), 1.0, 1.0),
+            ("f32, coca-edge's LayerNorm", f32_ms, os.path.getsize(f32), 1.0, 1.0)]
+    for title, name, make, env in designs:
+        if make is None:
+            path = ours
+        else:
+            path = os.path.join(work, name + ".onnx")
+            if not os.path.exists(path):
+                print(f"making {name}", file=sys.stderr, flush=True)
+                make(path)
+        b = bundle if make is None else variant_bundle(bundle, manifest, name, path)
+        emb = [np.array(r["embedding"]) for r in run(b, "int8", env, ["embed", "--json", *photos])]
+        cos = [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(base, emb)]
+        ms = run(b, "int8", env, ["--threads", "1", "bench", image, "--json", "--runs", str(runs), "--warmup", str(warmup)])[0]["encoder_ms_median"]
+        rows.append((title, ms, os.path.getsize(path), float(np.mean(cos)), float(np.min(cos))))
+        print(f"{title}: {ms:.1f} ms, cosine mean {np.mean(cos):.5f} worst {np.min(cos):.5f}", file=sys.stderr, flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=os.path.join(common.ROOT, "build", "coca_ViT-B-32-random0"))
@@ -122,6 +213,9 @@ def main():
     ap.add_argument("--labels", default=LABELS)
     ap.add_argument("--decoder", action="store_true", help="also quantize and time the decoder step")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--variants", action="store_true",
+                    help="also the table of int8 designs tried (onnxruntime's dynamic and QDQ graphs, ours with and "
+                         "without coca-edge's ops), each through coca-edge at 1 thread")
     ap.add_argument("--md", action="store_true")
     args = ap.parse_args()
     coca = common.coca_binary()
@@ -152,6 +246,8 @@ def main():
         print(f"{p}: cosine vs f32 mean {r['cos_mean']:.5f}, worst {r['cos_worst']:.5f} ({r['worst_photo']}); zero-shot "
               f"top-1 agreement {r['zero_shot_agree']}/{r['photos']}; greedy captions identical {r['caption_same']}/"
               f"{r['photos']}, tokens agreeing {100 * r['token_agree']:.1f}%", file=sys.stderr, flush=True)
+
+    variants = variants_table(coca, bundle, manifest, photos, args.runs, args.warmup) if args.variants else []
 
     rows = []
     if not args.skip_speed:
@@ -195,6 +291,15 @@ def main():
             for r in acc:
                 print(f"| {r['precision']} | {r['cos_mean']:.5f} | {r['cos_worst']:.5f} ({r['worst_photo']}) | {r['zero_shot_agree']}/{r['photos']} | "
                       f"{r['caption_same']}/{r['photos']} | {100 * r['token_agree']:.1f}% |")
+            print()
+        if variants:
+            print(f"int8 designs tried, image encoder through coca-edge at 1 thread (medians of {args.runs} runs; cosine "
+                  f"of the embedding against coca-edge f32 over the same {len(photos)} photos):\n")
+            print("| design | ms | vs f32 (coca-edge ops) | graph MB | cosine mean | worst |")
+            print("|---|---|---|---|---|---|")
+            f32_ms = variants[1][1]
+            for title, ms, size_b, cm, cw in variants:
+                print(f"| {title} | {ms:.1f} | {f32_ms / ms:.2f}x | {size_b / 1e6:.0f} | {cm:.5f} | {cw:.5f} |")
             print()
         if rows:
             print(f"Image encoder speed, batch 1, medians of {args.runs} runs after {args.warmup} warm-up, each runtime alone:\n")

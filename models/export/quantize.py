@@ -43,7 +43,6 @@ from onnx import TensorProto, helper, numpy_helper
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 METHOD = "sym-mmi"
-QUANT_OP = os.environ.get("COCA_QUANT_OP", "chain")
 
 
 def log(msg):
@@ -183,10 +182,7 @@ def quantize_int8(src, dst, feeds):
     ranges = activation_ranges(src, sorted({n.input[0] for n, _, _ in found}), feeds)
     inits = {i.name: i for i in model.graph.initializer}
     zero8 = "q8_zero"
-    new_inits = [numpy_helper.from_array(np.array(0, np.int8), zero8),
-                 numpy_helper.from_array(np.array(-128.0, np.float32), "q8_lo"),
-                 numpy_helper.from_array(np.array(127.0, np.float32), "q8_hi"),
-                 numpy_helper.from_array(np.array(12582912.0, np.float32), "q8_magic")]
+    new_inits = [numpy_helper.from_array(np.array(0, np.int8), zero8)]
     replaced = {}
     used_weights = set()
     for k, (n, w, bias) in enumerate(found):
@@ -202,19 +198,8 @@ def quantize_int8(src, dst, feeds):
         ]
         out = n.output[0]
         mm_out = f"{tag}_f" if bias is None else f"{tag}_nobias"
-        if QUANT_OP == "chain":
-            new_inits.append(numpy_helper.from_array(np.array(1.0 / s_x, np.float32), f"{tag}_inv"))
-            quant = [
-                helper.make_node("Mul", [x, f"{tag}_inv"], [f"{tag}_xs"], name=f"{n.name}/quant_scale"),
-                helper.make_node("Clip", [f"{tag}_xs", "q8_lo", "q8_hi"], [f"{tag}_xc"], name=f"{n.name}/quant_clip"),
-                helper.make_node("Add", [f"{tag}_xc", "q8_magic"], [f"{tag}_xm"], name=f"{n.name}/quant_round_a"),
-                helper.make_node("Sub", [f"{tag}_xm", "q8_magic"], [f"{tag}_xr"], name=f"{n.name}/quant_round_b"),
-                # f32 -> i32 -> i8: tract's direct f32 -> i8 cast is a slow scalar loop
-                helper.make_node("Cast", [f"{tag}_xr"], [f"{tag}_xi"], to=TensorProto.INT32, name=f"{n.name}/quant_cast32"),
-                helper.make_node("Cast", [f"{tag}_xi"], [f"{tag}_xq"], to=TensorProto.INT8, name=f"{n.name}/quant_cast8"),
-            ]
-        else:
-            quant = [helper.make_node("QuantizeLinear", [x, f"{tag}_sx", zero8], [f"{tag}_xq"], name=f"{n.name}/quant")]
+        # standard ONNX; coca-edge's loader runs it as one vectorised op (src/model/ops.rs)
+        quant = [helper.make_node("QuantizeLinear", [x, f"{tag}_sx", zero8], [f"{tag}_xq"], name=f"{n.name}/quant")]
         nodes = quant + [
             helper.make_node("MatMulInteger", [f"{tag}_xq", f"{tag}_w", zero8, zero8], [f"{tag}_i32"], name=f"{n.name}/mmi"),
             helper.make_node("Cast", [f"{tag}_i32"], [f"{tag}_c"], to=TensorProto.FLOAT, name=f"{n.name}/cast"),

@@ -146,7 +146,7 @@ impl Head {
         }
         let (t, w) = (self.tokens.ok_or_else(|| bad("no token count".into()))?, self.dim);
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
-        let plan = tract_onnx::onnx()
+        let plan = crate::model::onnx()
             .model_for_path(&path)
             .and_then(|m| m.with_input_fact(0, f32::fact([1, t, w]).into()))
             .and_then(|m| m.into_optimized())

@@ -16,6 +16,18 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::bundle::{Bundle, Dim, GraphSpec, TensorSpec};
+
+pub mod ops;
+
+/// tract's ONNX front end with our replacements for the ops it runs slowly ([`ops`]).
+pub fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    // COCA_TRACT_OPS=1: tract's own translations only (for comparisons and diagnosis)
+    if std::env::var_os("COCA_TRACT_OPS").is_none_or(|v| v.is_empty() || v == "0") {
+        ops::register(&mut onnx);
+    }
+    onnx
+}
 use crate::error::{Error, Result};
 
 /// How graphs are loaded and run.
@@ -108,7 +120,7 @@ impl Graph {
         let mismatch = |message: String| Error::GraphMismatch { path: path.clone(), message };
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
 
-        let mut model = tract_onnx::onnx().model_for_path(&path).map_err(|e| {
+        let mut model = onnx().model_for_path(&path).map_err(|e| {
             Error::Engine { what: path.display().to_string(), message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))) }
         })?;
 
