@@ -38,6 +38,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--ref-runs", type=int, default=3)
     ap.add_argument("--image", default=os.path.join(common.ROOT, "tests", "fixtures", "images", "china.jpg"))
+    ap.add_argument("--int8-bundle", default=None,
+                    help="also time coca-edge --precision int8 on this bundle (one with an int8 decoder_step, e.g. "
+                         "build/precision-variants/decoder-int8 made by precision.py --decoder)")
     ap.add_argument("--md", action="store_true")
     args = ap.parse_args()
     bundle = args.bundle or os.path.join(common.ROOT, "build", f"{args.model}-random{args.seed}")
@@ -56,6 +59,12 @@ def main():
                           "--json", "--caption", "--caption-len", str(L), "--step-len", str(steps), "--runs", str(args.runs), "--warmup", "1"],
                          capture_output=True, text=True, check=True)
     ours = json.loads(out.stdout)["caption"]
+    ours8 = None
+    if args.int8_bundle:
+        out = subprocess.run([common.coca_binary(), "--model", args.int8_bundle, "--precision", "int8", "--threads", str(args.threads),
+                              "bench", args.image, "--json", "--caption", "--caption-len", str(L), "--step-len", str(steps),
+                              "--runs", str(args.runs), "--warmup", "1"], capture_output=True, text=True, check=True)
+        ours8 = json.loads(out.stdout)["caption"]
 
     # ---- open_clip generate(), encoder excluded: image features computed once and passed in
     lat, embs = model._encode_image(x)
@@ -103,20 +112,30 @@ def main():
         import open_clip
         print(f"### {name} captions, {args.threads} thread(s) ({datetime.date.today().isoformat()})\n")
         print(f"Command: `models/.venv/bin/python benches/compare/caption_bench.py --model {args.model} --threads {args.threads} "
-              f"--caption-len {L} --step-len {steps} --runs {args.runs} --ref-runs {args.ref_runs} --md`  ")
+              f"--caption-len {L} --step-len {steps} --runs {args.runs} --ref-runs {args.ref_runs}"
+              f"{' --int8-bundle ' + args.int8_bundle if args.int8_bundle else ''} --md`  ")
         print(f"Machine: {common.machine()}. open_clip {open_clip.__version__} (transformers "
               f"{__import__('transformers').__version__}), torch {torch.__version__}, onnxruntime {ort.__version__}, tract 0.23.9. "
               f"Encoder excluded everywhere. Medians: coca and onnxruntime {args.runs} runs, open_clip {args.ref_runs} runs.\n")
         print(f"Whole caption, {L} tokens with SOT ({L - 1} generated; random weights never stop early):\n")
-        print("| search | open_clip generate() ms | onnxruntime (our graphs) ms | coca-edge ms | coca speed-up vs open_clip |")
-        print("|---|---|---|---|---|")
-        print(f"| greedy | {ref_greedy:.0f} | {ort_greedy:.0f} | {g_ours:.0f} | {ref_greedy / g_ours:.1f}x |")
-        print(f"| beam (6 beams, 3 groups) | {ref_beam:.0f} | n/a | {b_ours:.0f} | {ref_beam / b_ours:.1f}x |")
+        if ours8:
+            g8, b8 = ours8["whole_caption"]["greedy"]["ms_median"], ours8["whole_caption"]["beam"]["ms_median"]
+            print("| search | open_clip generate() ms | onnxruntime (our graphs) ms | coca-edge ms | coca speed-up vs open_clip | coca-edge int8 decoder ms | int8 speed-up vs open_clip |")
+            print("|---|---|---|---|---|---|---|")
+            print(f"| greedy | {ref_greedy:.0f} | {ort_greedy:.0f} | {g_ours:.0f} | {ref_greedy / g_ours:.1f}x | {g8:.0f} | {ref_greedy / g8:.1f}x |")
+            print(f"| beam (6 beams, 3 groups) | {ref_beam:.0f} | n/a | {b_ours:.0f} | {ref_beam / b_ours:.1f}x | {b8:.0f} | {ref_beam / b8:.1f}x |")
+        else:
+            print("| search | open_clip generate() ms | onnxruntime (our graphs) ms | coca-edge ms | coca speed-up vs open_clip |")
+            print("|---|---|---|---|---|")
+            print(f"| greedy | {ref_greedy:.0f} | {ort_greedy:.0f} | {g_ours:.0f} | {ref_greedy / g_ours:.1f}x |")
+            print(f"| beam (6 beams, 3 groups) | {ref_beam:.0f} | n/a | {b_ours:.0f} | {ref_beam / b_ours:.1f}x |")
         print("\nDecoder step latency (ms, median) by tokens already in the cache:\n")
-        print("| past | coca B=1 | onnxruntime B=1 | coca B=6 | onnxruntime B=6 |")
-        print("|---|---|---|---|---|")
+        i8 = (lambda b, p: f" {ours8['step_ms_by_past']['batch%d' % b][p]:.1f} |") if ours8 else (lambda b, p: "")
+        print("| past | coca B=1 | onnxruntime B=1 | coca B=6 | onnxruntime B=6 |" + (" coca int8 B=1 | coca int8 B=6 |" if ours8 else ""))
+        print("|---|---|---|---|---|" + ("---|---|" if ours8 else ""))
         for past in sorted({0, 5, 10, 15, 20, 25, steps - 1}):
-            print(f"| {past} | {ours_step[1][past]:.1f} | {ort_step[1][past]:.1f} | {ours_step[6][past]:.1f} | {ort_step[6][past]:.1f} |")
+            print(f"| {past} | {ours_step[1][past]:.1f} | {ort_step[1][past]:.1f} | {ours_step[6][past]:.1f} | {ort_step[6][past]:.1f} |"
+                  + i8(1, past) + i8(6, past))
         print(f"\nKV cache: {ours['cache_bytes_per_beam_token']} bytes per beam per token.")
 
 

@@ -238,7 +238,7 @@ struct BenchArgs {
     /// Beams for the caption timings
     #[arg(long, default_value_t = 6)]
     beams: usize,
-    /// Print the image encoder's time per operator kind
+    /// Print the image encoder's time per operator kind (with --caption, also the decoder step's)
     #[arg(long)]
     profile: bool,
     /// Decoder steps timed for the step-latency table (past 0 .. N-1)
@@ -841,6 +841,17 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
         eprintln!("image encoder per operator kind (ms per run, {} runs; sum {total:.1} ms):", a.runs.max(1));
         for (op, ms, n) in prof.iter().take(20) {
             eprintln!("  {ms:8.2} ms {:5.1}%  {n:4}x  {op}", 100.0 * ms / total);
+        }
+        if a.caption {
+            let dec = p.decoder()?;
+            for b in [1, a.beams.max(1)] {
+                let prof = dec.profile_step(b, 10, a.runs.max(1))?;
+                let total: f64 = prof.iter().map(|x| x.1).sum();
+                eprintln!("decoder step, batch {b}, 10 tokens cached, per operator kind (ms per step; sum {total:.1} ms):");
+                for (op, ms, n) in prof.iter().take(12) {
+                    eprintln!("  {ms:8.2} ms {:5.1}%  {n:4}x  {op}", 100.0 * ms / total);
+                }
+            }
         }
     }
     let m = p.bundle().manifest();

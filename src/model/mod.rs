@@ -547,6 +547,18 @@ impl Decoder {
         Ok(())
     }
 
+    /// Per-operator time of one decoder step of `batch` sequences with `past` cached tokens
+    /// (zero cache and image features; the time does not depend on the values). For
+    /// `coca bench --caption --profile`.
+    pub fn profile_step(&self, batch: usize, past: usize, runs: usize) -> Result<Vec<(String, f64, usize)>> {
+        let d = &self.dims;
+        let cross = self.cross_kv(&vec![0f32; self.n_tokens * self.token_dim])?;
+        let ids = Tensor::from_shape(&[batch, 1], &vec![0i64; batch]).map_err(|e| Error::engine("ids tensor", e))?;
+        let mask = Tensor::zero::<f32>(&[batch, past + 1]).map_err(|e| Error::engine("mask tensor", e))?;
+        let kv = Tensor::zero::<f32>(&[d.self_layers, 2, batch, d.heads, past, d.head_dim]).map_err(|e| Error::engine("kv cache", e))?;
+        self.step.profile(tvec!(ids.into_tvalue(), mask.into_tvalue(), kv.into_tvalue(), cross.0.clone()), runs)
+    }
+
     pub fn step_graph(&self) -> &Graph {
         &self.step
     }
