@@ -190,7 +190,8 @@ fn layer_normalization(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(B
             _ => {}
         }
     }
-    if !plain {
+    // several normalised axes (axis other than -1, rare outside vision convnets): tract's own
+    if !plain || axis != -1 {
         return (TRACT_LAYER_NORM.get().expect("registered"))(ctx, node);
     }
     let has_bias = node.input.get(2).is_some_and(|b| !b.is_empty());
