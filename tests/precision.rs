@@ -177,3 +177,33 @@ fn tract_still_miscomputes_softmax_inside_qdq() {
          update docs/precision.md and this test"
     );
 }
+
+/// The CLI names the precision problem in one line and exits 2.
+#[test]
+fn cli_reports_precision_errors_in_one_line() {
+    let coca = env!("CARGO_BIN_EXE_coca");
+    let img = root().join("tests/fixtures/images/china.jpg");
+    let run = |args: &[&str]| {
+        std::process::Command::new(coca)
+            .args(["--model", root().join(coca_edge::TEST_BUNDLE).to_str().unwrap()])
+            .args(args)
+            .arg(&img)
+            .env_remove("COCA_PRECISION")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--precision", "int4", "embed"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("int4") && err.trim().lines().count() == 1, "{err}");
+    let out = run(&["--precision", "int8", "embed", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    if !fast_f16() {
+        let out = run(&["--precision", "f16", "embed"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("f16 declined") && err.trim().lines().count() == 1, "{err}");
+        let out = run(&["--precision", "f16", "--force-precision", "embed", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}

@@ -731,6 +731,7 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         "context_length": m.text.context_length,
         "logit_scale": m.logit_scale,
         "precision": opts.precision,
+        "f16_usable": coca_edge::model::check_precision("f16", false).is_ok(),
         "threads": opts.effective_threads(),
         "image_encoder_load_s": p.image_encoder().graph().load_time().as_secs_f64(),
         "captioning": m.decoder.as_ref().map(|d| serde_json::json!({
@@ -753,7 +754,12 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         writeln!(out, "weights       {}", info["source"].as_str().unwrap_or("?"))?;
         writeln!(out, "image         {0}x{0}, embed_dim {1}, {2} captioning tokens", m.image.size, m.dims.embed_dim, m.dims.caption_tokens)?;
         writeln!(out, "text          context {}, logit_scale {:.4}", m.text.context_length, m.logit_scale)?;
-        writeln!(out, "precision     {}", opts.precision)?;
+        let f16 = if coca_edge::model::check_precision("f16", false).is_ok() {
+            "f16 runs on fp16 kernels here"
+        } else {
+            "f16 declined here: no fp16 arithmetic; --force-precision overrides"
+        };
+        writeln!(out, "precision     {} ({f16})", opts.precision)?;
         writeln!(out, "threads       {}", opts.effective_threads())?;
         writeln!(out, "board         {}", board_line)?;
         writeln!(out, "cpu           {} [{}]", std::env::consts::ARCH, model::cpu_features().join(" "))?;
