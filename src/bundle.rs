@@ -252,19 +252,49 @@ impl Bundle {
             return Ok(wanted.to_string());
         }
         let any = self.manifest.graphs.values().any(|g| g.precisions.contains_key(wanted));
-        if !any || !spec.precisions.contains_key("f32") {
+        let bad = |message: String| Error::Manifest { path: self.dir.join(MANIFEST), message };
+        if !any {
             let mut all: Vec<&String> = self.manifest.graphs.values().flat_map(|g| g.precisions.keys()).collect();
             all.sort();
             all.dedup();
-            return Err(Error::Manifest {
-                path: self.dir.join(MANIFEST),
-                message: format!(
-                    "no '{wanted}' graphs in this bundle (it has: {}); export them with models/export/export.py --precision",
-                    all.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-            });
+            return Err(bad(format!(
+                "no '{wanted}' graphs in this bundle (it has: {}); add them with models/export/quantize.py --precision {wanted}",
+                all.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if !spec.precisions.contains_key("f32") {
+            return Err(bad(format!(
+                "graph '{graph}' has neither '{wanted}' nor f32 (it has: {})",
+                spec.precisions.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
         }
         Ok("f32".to_string())
+    }
+
+    /// A key for what was computed at `precision`: the precision, plus a digest of the
+    /// reduced-precision files it loads, so caches of int8 or f16 results go stale when the
+    /// variants are made again (other calibration images, say). "f32" alone for f32.
+    pub fn precision_key(&self, precision: &str) -> String {
+        let mut h = Sha256::new();
+        let mut any = false;
+        for (name, g) in &self.manifest.graphs {
+            if precision == "f32" {
+                break;
+            }
+            if let Some(file) = g.precisions.get(precision) {
+                let sha = self.manifest.files.get(file).map(|f| f.sha256.as_str()).unwrap_or("");
+                h.update(name.as_bytes());
+                h.update([0]);
+                h.update(sha.as_bytes());
+                h.update([0]);
+                any = true;
+            }
+        }
+        if any {
+            format!("{precision}-{}", hex::encode(&h.finalize()[..6]))
+        } else {
+            precision.to_string()
+        }
     }
 
     /// Path of the file for `graph` at `precision`, after checking it against the manifest.
@@ -416,9 +446,11 @@ fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest> {
 fn bundle_id(m: &Manifest) -> String {
     let f32_files: std::collections::BTreeSet<&String> =
         m.graphs.values().filter_map(|g| g.precisions.get("f32")).collect();
+    // only variants of graphs that also ship in f32: a graph shipped in int8 alone is the model
     let variants: std::collections::BTreeSet<&String> = m
         .graphs
         .values()
+        .filter(|g| g.precisions.contains_key("f32"))
         .flat_map(|g| g.precisions.iter().filter(|(p, _)| p.as_str() != "f32").map(|(_, f)| f))
         .filter(|f| !f32_files.contains(f))
         .collect();

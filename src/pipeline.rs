@@ -205,7 +205,7 @@ impl Pipeline {
             }
         }
         let cache = self.opts.cache_dir.as_ref().map(LabelCache::new);
-        let key = LabelCache::key(self.bundle.id(), &self.opts.engine.precision, labels, templates);
+        let key = LabelCache::key(self.bundle.id(), &self.bundle.precision_key(&self.opts.engine.precision), labels, templates);
         if let Some(set) = cache.as_ref().and_then(|c| c.get(self.bundle.id(), &key, labels, d)) {
             return Ok(set);
         }

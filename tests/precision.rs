@@ -207,3 +207,26 @@ fn cli_reports_precision_errors_in_one_line() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// coca-edge's LayerNorm inside a u8 QDQ chain (onnxruntime's usual int8 form) is computed, not
+/// folded into a lookup table as tract folds its element-wise ops: the op declares its
+/// normalised axis as reduced. Within one output step of onnxruntime.
+#[test]
+fn layer_norm_inside_qdq_matches_onnxruntime() {
+    let fx: Value = serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/precision/softmax_qdq.json")).unwrap()).unwrap();
+    let shape: Vec<usize> = fx["input_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let x = tract_ndarray::ArrayD::from_shape_vec(shape, floats(&fx["input"])).unwrap();
+    let model = coca_edge::model::onnx()
+        .model_for_path(root().join("tests/fixtures/precision/layernorm_qdq.onnx"))
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let out = model.run(tvec!(Tensor::from(x).into())).unwrap();
+    let got: Vec<f32> = out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect();
+    let want = floats(&fx["layernorm_qdq"]);
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    // one quantisation step (0.05) of the output, doubled by the Mul after it
+    assert!(diff <= 0.1 + 1e-5, "LayerNorm in a QDQ chain: {diff} from onnxruntime");
+}

@@ -185,6 +185,7 @@ def quantize_int8(src, dst, feeds):
     new_inits = [numpy_helper.from_array(np.array(0, np.int8), zero8)]
     replaced = {}
     used_weights = set()
+    quantized = {}  # activation name -> its int8 tensor
     for k, (n, w, bias) in enumerate(found):
         x = n.input[0]
         s_x = max(ranges[x], 1e-12) / 127.0
@@ -198,10 +199,15 @@ def quantize_int8(src, dst, feeds):
         ]
         out = n.output[0]
         mm_out = f"{tag}_f" if bias is None else f"{tag}_nobias"
-        # standard ONNX; coca-edge's loader runs it as one vectorised op (src/model/ops.rs)
-        quant = [helper.make_node("QuantizeLinear", [x, f"{tag}_sx", zero8], [f"{tag}_xq"], name=f"{n.name}/quant")]
+        # standard ONNX; coca-edge's loader runs it as one vectorised op (src/model/ops.rs).
+        # One QuantizeLinear per activation, shared by every product reading it (q, k, v)
+        quant = []
+        if x not in quantized:
+            quantized[x] = f"{tag}_xq"
+            quant = [helper.make_node("QuantizeLinear", [x, f"{tag}_sx", zero8], [f"{tag}_xq"], name=f"{n.name}/quant")]
+        xq = quantized[x]
         nodes = quant + [
-            helper.make_node("MatMulInteger", [f"{tag}_xq", f"{tag}_w", zero8, zero8], [f"{tag}_i32"], name=f"{n.name}/mmi"),
+            helper.make_node("MatMulInteger", [xq, f"{tag}_w", zero8, zero8], [f"{tag}_i32"], name=f"{n.name}/mmi"),
             helper.make_node("Cast", [f"{tag}_i32"], [f"{tag}_c"], to=TensorProto.FLOAT, name=f"{n.name}/cast"),
             helper.make_node("Mul", [f"{tag}_c", f"{tag}_scale"], [out if bias is None else mm_out], name=f"{n.name}/scale"),
         ]
@@ -240,8 +246,10 @@ def gemm_to_matmul(model):
         w = numpy_helper.to_array(inits[n.input[1]])
         if a.get("transB", 0):
             w = np.ascontiguousarray(w.T)
-        wname = n.input[1] + "__kn"
-        model.graph.initializer.append(numpy_helper.from_array(w, wname))
+        wname = n.input[1] + ("__kn" if a.get("transB", 0) else "")
+        if wname not in inits:  # a weight shared by several Gemms is transposed once
+            inits[wname] = numpy_helper.from_array(w, wname)
+            model.graph.initializer.append(inits[wname])
         has_bias = len(n.input) > 2 and n.input[2]
         mm_out = n.output[0] + "__mm" if has_bias else n.output[0]
         nodes.append(helper.make_node("MatMul", [n.input[0], wname], [mm_out], name=n.name + "/matmul"))
@@ -266,6 +274,12 @@ def convert_f16(src, dst):
         if init.data_type == F:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
     for n in g.node:
+        if n.op_type == "Constant":
+            for a in list(n.attribute):
+                if a.name in ("value_float", "value_floats"):
+                    v = np.array(a.f if a.name == "value_float" else list(a.floats), np.float16)
+                    n.attribute.remove(a)
+                    n.attribute.append(helper.make_attribute("value", numpy_helper.from_array(v)))
         for a in n.attribute:
             if n.op_type in ("Constant", "ConstantOfShape") and a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))

@@ -33,8 +33,8 @@ struct Global {
     /// jetson-agx-orin, or auto (from /proc/device-tree/model, else the CPU); see boards/
     #[arg(long, global = true, env = "COCA_BOARD", value_name = "NAME")]
     board: Option<String>,
-    /// Weights precision: f32, f16 or int8 (default: the board profile's, else the bundle's
-    /// default, else f32); graphs the bundle has only in f32 stay f32
+    /// Weights precision: f32, f16 or int8 (default: the board profile's, else f32); graphs
+    /// the bundle has only in f32 stay f32
     #[arg(long, global = true, env = "COCA_PRECISION", value_name = "P")]
     precision: Option<String>,
     /// Use --precision f16 even where this CPU has no fp16 arithmetic (tract then runs a

@@ -100,7 +100,7 @@ pub struct Embedded {
 /// `progress(done, total)` after each image.
 pub fn embed_dataset(p: &Pipeline, ds: &Dataset, mut progress: impl FnMut(usize, usize)) -> Result<Embedded> {
     let dim = p.bundle().manifest().dims.embed_dim;
-    let cache = p.options().cache_dir.as_ref().map(|d| d.join("embeddings").join(p.bundle().id()).join(&p.options().engine.precision));
+    let cache = p.options().cache_dir.as_ref().map(|d| d.join("embeddings").join(p.bundle().id()).join(p.bundle().precision_key(&p.options().engine.precision)));
     let mut out = Embedded { x: Vec::new(), y: Vec::new(), skipped: Vec::new(), cached: 0 };
     for (n, (path, k)) in ds.items.iter().enumerate() {
         progress(n, ds.items.len());

@@ -114,8 +114,8 @@ impl Graph {
     pub fn load(bundle: &Bundle, name: &str, bind: Binding, opts: &EngineOptions) -> Result<Graph> {
         let t0 = Instant::now();
         let spec: &GraphSpec = bundle.graph(name)?;
+        check_precision(&opts.precision, opts.force_precision)?;
         let precision = bundle.graph_precision(name, &opts.precision)?;
-        check_precision(&precision, opts.force_precision)?;
         let path = bundle.graph_file(name, &precision)?;
         let mismatch = |message: String| Error::GraphMismatch { path: path.clone(), message };
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };

@@ -63,7 +63,7 @@ fn quantize_linear(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<d
         }
         let s = scale.cast_to_scalar::<f32>().ok()?;
         let z = zero.cast_to_scalar::<i8>().ok()?;
-        (s > 0.0 && s.is_finite()).then_some(QuantizeI8 { inv_scale: 1.0 / s, zero_point: z })
+        (s > 0.0 && s.is_finite() && (1.0 / s).is_finite()).then_some(QuantizeI8 { inv_scale: 1.0 / s, zero_point: z })
     };
     match fast() {
         Some(op) => Ok((expand(op), vec![])),
@@ -94,7 +94,12 @@ impl Expansion for QuantizeI8 {
     }
 
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, self.clone(), &inputs[..1])
+        let mut x = inputs[0];
+        if model.outlet_fact(x)?.datum_type != f32::datum_type() {
+            // f16 / bf16 / i32 inputs (opset 21): quantize from f32, as tract's own op would
+            x = model.wire_node(format!("{prefix}.to_f32"), tract_onnx::tract_core::ops::cast::cast(f32::datum_type()), &[x])?[0];
+        }
+        model.wire_node(prefix, self.clone(), &[x])
     }
 }
 
@@ -226,36 +231,45 @@ impl Expansion for LayerNormSpec {
         let axis = if self.axis < 0 { self.axis + rank } else { self.axis };
         ensure!(axis == rank - 1, "LayerNormalization over {} axes: only one (the last) is supported", rank - axis);
         let axis = axis as usize;
-        let konst = |o: OutletId| -> TractResult<Option<Arc<Tensor>>> {
+        let konst = |model: &TypedModel, o: OutletId| -> TractResult<Option<Arc<Tensor>>> {
             let f = model.outlet_fact(o)?;
             match &f.konst {
                 Some(t) if t.rank() == 1 && t.datum_type().is_float() => Ok(Some(t.cast_to::<f32>()?.into_owned().into_arc_tensor())),
                 _ => Ok(None),
             }
         };
-        ensure!(
-            fact.datum_type == f32::datum_type() || fact.datum_type == f16::datum_type(),
-            "LayerNormalization of {:?}",
-            fact.datum_type
-        );
-        let scale = konst(inputs[1])?;
-        let bias = if self.has_bias { konst(inputs[2])? } else { Some(Tensor::zero::<f32>(&[fact.shape[axis].to_usize()?])?.into_arc_tensor()) };
+        let dt = fact.datum_type;
+        ensure!(dt.is_float(), "LayerNormalization of {dt:?}");
+        // f32 and f16 run as they are; f64 / bf16 go through f32
+        let mut x = inputs[0];
+        if dt != f32::datum_type() && dt != f16::datum_type() {
+            x = model.wire_node(format!("{prefix}.to_f32"), tract_onnx::tract_core::ops::cast::cast(f32::datum_type()), &[x])?[0];
+        }
+        let n = fact.shape[axis].to_usize().ok();
+        let scale = konst(model, inputs[1])?.filter(|t| Some(t.len()) == n);
+        let bias = if self.has_bias {
+            konst(model, inputs[2])?.filter(|t| Some(t.len()) == n)
+        } else {
+            n.map(|n| Tensor::zero::<f32>(&[n])).transpose()?.map(|t| t.into_arc_tensor())
+        };
+        let back = |model: &mut TypedModel, y: TVec<OutletId>| -> TractResult<TVec<OutletId>> {
+            if model.outlet_fact(y[0])?.datum_type == dt {
+                return Ok(y);
+            }
+            model.wire_node(format!("{prefix}.back"), tract_onnx::tract_core::ops::cast::cast(dt), &y)
+        };
         match (scale, bias) {
             (Some(scale), Some(bias)) => {
-                ensure!(
-                    fact.shape[axis] == scale.len().to_dim() && bias.len() == scale.len(),
-                    "LayerNormalization: {} scale and {} bias values for an axis of {}",
-                    scale.len(),
-                    bias.len(),
-                    fact.shape[axis]
-                );
                 let op = LayerNorm { axis, epsilon: self.epsilon, scale: Some(scale), bias: Some(bias) };
-                model.wire_node(prefix, op, &inputs[..1])
+                let y = model.wire_node(prefix, op, &[x])?;
+                back(model, y)
             }
             _ => {
-                // computed parameters: normalise here, scale and shift with tract's broadcasting ops
+                // computed or broadcast parameters: normalise here, scale and shift with tract's
+                // broadcasting ops
                 let op = LayerNorm { axis, epsilon: self.epsilon, scale: None, bias: None };
-                let mut y = model.wire_node(format!("{prefix}.normalize"), op, &inputs[..1])?;
+                let y = model.wire_node(format!("{prefix}.normalize"), op, &[x])?;
+                let mut y = back(model, y)?;
                 y = wire_with_rank_broadcast(format!("{prefix}.scale"), model, tract_onnx::tract_core::ops::math::mul(), &[y[0], inputs[1]])?;
                 if self.has_bias {
                     y = wire_with_rank_broadcast(format!("{prefix}.bias"), model, tract_onnx::tract_core::ops::math::add(), &[y[0], inputs[2]])?;
@@ -400,8 +414,22 @@ impl TypedOp for LayerNorm {
         Ok(tvec!(dt.fact(inputs[0].shape.clone())))
     }
 
-    fn axes_mapping(&self, inputs: &[&TypedFact], outputs: &[&TypedFact]) -> TractResult<AxesMapping> {
-        AxesMapping::natural(inputs, outputs)
+    /// Every axis maps through but the normalised one, which (as in tract's Reduce) gets one
+    /// letter on the input and another on the output: the op is not element-wise, so tract
+    /// must never fold it into a DequantizeLinear -> ... -> QuantizeLinear lookup table (the
+    /// trap its Softmax falls into, docs/precision.md).
+    fn axes_mapping(&self, inputs: &[&TypedFact], _outputs: &[&TypedFact]) -> TractResult<AxesMapping> {
+        let mut letters = 'a'..;
+        let mut axes = Vec::new();
+        for ix in 0..inputs[0].rank() {
+            if ix == self.axis {
+                axes.push(Axis::new(letters.next().unwrap(), 1, 1).input(0, ix));
+                axes.push(Axis::new(letters.next().unwrap(), 1, 1).output(0, ix));
+            } else {
+                axes.push(Axis::new(letters.next().unwrap(), 1, 1).input(0, ix).output(0, ix));
+            }
+        }
+        AxesMapping::new(1, 1, axes)
     }
 
     fn change_axes(&self, model: &TypedModel, node: &TypedNode, _io: InOut, change: &AxisOp) -> TractResult<Option<AxisChangeConsequence>> {
