@@ -148,7 +148,8 @@ typedef struct CocaOptions {
    */
   uint32_t threads;
   /*
-   "f32" (default when null); the bundle lists what it has
+   "f32" (default when null), "int8" or "f16": the bundle's variants where it has them;
+   an unknown name, or f16 on a CPU without fp16 arithmetic, is COCA_STATUS_INVALID_ARGUMENT
    */
   const char *precision;
   /*

@@ -80,7 +80,8 @@ pub struct CocaOptions {
     pub struct_size: u32,
     /// inference threads; 0 = all cores
     pub threads: u32,
-    /// "f32" (default when null); the bundle lists what it has
+    /// "f32" (default when null), "int8" or "f16": the bundle's variants where it has them;
+    /// an unknown name, or f16 on a CPU without fp16 arithmetic, is COCA_STATUS_INVALID_ARGUMENT
     pub precision: *const c_char,
     /// "cpu" (default when null); the CUDA backend is not part of this build
     pub backend: *const c_char,

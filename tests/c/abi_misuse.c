@@ -76,7 +76,8 @@ int main(int argc, char **argv) {
     CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_INVALID_UTF8 && model == NULL);
     bad = opts;
     bad.precision = "int3";
-    CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_BUNDLE && model == NULL);
+    CHECK(coca_model_open(bundle, &bad, &model) == COCA_STATUS_INVALID_ARGUMENT && model == NULL);
+    CHECK(strstr(coca_last_error(), "int3") != NULL);
     CHECK(coca_model_open(bundle, &opts, &model) == COCA_STATUS_OK && model != NULL);
     CHECK(strcmp(coca_last_error(), "") == 0);
 
