@@ -10,6 +10,8 @@
 
 use std::path::PathBuf;
 
+mod common;
+
 use coca_edge::classify::Templates;
 use coca_edge::{Pipeline, PipelineOptions};
 use serde_json::Value;
@@ -181,10 +183,10 @@ fn tract_still_miscomputes_softmax_inside_qdq() {
 /// The CLI names the precision problem in one line and exits 2.
 #[test]
 fn cli_reports_precision_errors_in_one_line() {
-    let coca = env!("CARGO_BIN_EXE_coca");
     let img = root().join("tests/fixtures/images/china.jpg");
+    // through $COCA_TEST_RUNNER (qemu) when cross-built
     let run = |args: &[&str]| {
-        std::process::Command::new(coca)
+        common::coca_command()
             .args(["--model", root().join(coca_edge::TEST_BUNDLE).to_str().unwrap()])
             .args(args)
             .arg(&img)
