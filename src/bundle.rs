@@ -277,16 +277,13 @@ impl Bundle {
     pub fn precision_key(&self, precision: &str) -> String {
         let mut h = Sha256::new();
         let mut any = false;
-        for (name, g) in &self.manifest.graphs {
-            if precision == "f32" {
-                break;
-            }
+        for (name, g) in self.manifest.graphs.iter().filter(|_| precision != "f32") {
             if let Some(file) = g.precisions.get(precision) {
                 let sha = self.manifest.files.get(file).map(|f| f.sha256.as_str()).unwrap_or("");
-                h.update(name.as_bytes());
-                h.update([0]);
-                h.update(sha.as_bytes());
-                h.update([0]);
+                for part in [name.as_str(), sha] {
+                    h.update(part.as_bytes());
+                    h.update([0]);
+                }
                 any = true;
             }
         }

@@ -8,18 +8,13 @@
 //! - f16: cosine >= 0.999 on every image.
 //! Zero-shot top-1 must agree with open_clip's on every golden label set.
 
-use std::path::PathBuf;
-
 mod common;
+use common::root;
 
 use coca_edge::classify::Templates;
 use coca_edge::{Pipeline, PipelineOptions};
 use serde_json::Value;
 use tract_onnx::prelude::*;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn goldens() -> Value {
     serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/goldens/goldens.json")).unwrap()).unwrap()

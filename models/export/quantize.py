@@ -285,25 +285,23 @@ def convert_f16(src, dst):
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
             if n.op_type == "Cast" and a.name == "to" and a.i == F:
                 a.i = H
+    def rename(old, new, outputs):
+        for n in g.node:
+            for names in ((n.input, n.output) if outputs else (n.input,)):
+                for k, x in enumerate(names):
+                    if x == old:
+                        names[k] = new
+
     head, tail = [], []
     for i in g.input:
         if i.type.tensor_type.elem_type == F:
             inner = i.name + "__f16"
-            for n in g.node:
-                for k, x in enumerate(n.input):
-                    if x == i.name:
-                        n.input[k] = inner
+            rename(i.name, inner, outputs=False)
             head.append(helper.make_node("Cast", [i.name], [inner], to=H, name=i.name + "/to_f16"))
     for o in g.output:
         if o.type.tensor_type.elem_type == F:
             inner = o.name + "__f16"
-            for n in g.node:
-                for k, x in enumerate(n.output):
-                    if x == o.name:
-                        n.output[k] = inner
-                for k, x in enumerate(n.input):
-                    if x == o.name:
-                        n.input[k] = inner
+            rename(o.name, inner, outputs=True)
             tail.append(helper.make_node("Cast", [inner], [o.name], to=F, name=o.name + "/to_f32"))
     nodes = head + list(g.node) + tail
     del g.node[:]
