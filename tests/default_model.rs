@@ -145,7 +145,7 @@ fn default_model_classifies_and_captions_held_out_scenes() {
 fn int8_variant_keeps_held_out_accuracy_within_one_point() {
     let (f32_tally, _) = evaluate(&pipeline_at("f32"));
     let (int8_tally, _) = evaluate(&pipeline_at("int8"));
-    print_tally("held-out scenes, int8 image encoder:", &int8_tally);
+    print_tally("held-out scenes, int8 image encoder and decoder step:", &int8_tally);
     let mut worse = Vec::new();
     for (key, _) in f32_tally.iter().filter(|((split, _), _)| split == "test") {
         let (a, b) = (rate(&f32_tally, &key.0, &key.1), rate(&int8_tally, &key.0, &key.1));

@@ -4,7 +4,12 @@
     models/.venv/bin/python models/export/quantize.py BUNDLE --precision int8[,f16]
         [--graphs image_encoder] [--calib-images DIR]
 
-int8 ("sym-mmi", the design chosen in docs/precision.md from the variants measured there):
+int8, two designs (docs/precision.md measures them), chosen per graph by --int8-design:
+
+"sym-w8" (default for decoder_step, a matrix-vector product per token at batch 1, bound by
+the bytes of its weights): int8 weights, f32 activations, see quantize_w8.
+
+"sym-mmi" (default for the image encoder, whose products have a row per patch):
 every matrix product with a constant weight (MatMul, Gemm) becomes
 
     x -> QuantizeLinear(x, s_x, 0) -> MatMulInteger(q, W8, 0, 0) -> Cast(f32) -> Mul(s_x * s_w) [-> Add(bias)]
@@ -109,9 +114,8 @@ def decoder_calibration(bundle, manifest, image_feeds, n_images=12, steps=20):
             for k in ("image_encoder", "cross_kv", "decoder_step")}
     dec = manifest["decoder"]
     sot, eot = int(manifest["text"]["sot"]), int(manifest["text"]["eot"])
-    vocab_map = manifest["text"].get("vocab_map")
-    if vocab_map is not None:  # restricted vocabularies number the decoder's ids densely
-        sot, eot = vocab_map.index(sot), vocab_map.index(eot)
+    # (with a restricted vocabulary, text.vocab_map, the manifest's sot and eot are already the
+    # decoder's own ids)
     feeds = []
     for feed in image_feeds[: 2 * n_images : 2]:
         tokens = sess["image_encoder"].run(None, feed)[1]
@@ -230,6 +234,51 @@ def quantize_int8(src, dst, feeds):
     return len(found)
 
 
+def quantize_w8(src, dst):
+    """Weight-only int8 ("sym-w8"): every product with a constant weight becomes
+
+        x -> MatMul(x, DequantizeLinear(W8, s_w, axis=1)) [-> Add(bias)]
+
+    with W8 int8, symmetric, one scale per output channel; activations stay f32, so no
+    calibration. For matrix-vector products (a decoder step at batch 1 reads every weight once
+    per token): coca-edge's loader runs each DequantizeLinear -> MatMul pair as one op that
+    reads the int8 weights directly (src/model/ops.rs, `MatMulW8`); onnxruntime runs the
+    standard graph as it is."""
+    model = onnx.load(src)
+    found = weight_matmuls(model)
+    if not found:
+        raise SystemExit(f"error: {src} has no matrix product with a constant weight to quantize")
+    new_inits = []
+    replaced = {}
+    used_weights = set()
+    for k, (n, w, bias) in enumerate(found):
+        s_w = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0).astype(np.float32)
+        w8 = np.clip(np.round(w / s_w), -127, 127).astype(np.int8)
+        tag = f"w8_{k}"
+        new_inits += [numpy_helper.from_array(w8, f"{tag}_w"), numpy_helper.from_array(s_w, f"{tag}_scale")]
+        out = n.output[0]
+        nodes = [
+            helper.make_node("DequantizeLinear", [f"{tag}_w", f"{tag}_scale"], [f"{tag}_wf"], axis=1, name=f"{n.name}/dequant"),
+            helper.make_node("MatMul", [n.input[0], f"{tag}_wf"], [out if bias is None else f"{tag}_nobias"], name=f"{n.name}/w8"),
+        ]
+        if bias is not None:
+            nodes.append(helper.make_node("Add", [f"{tag}_nobias", bias], [out], name=f"{n.name}/bias"))
+        replaced[id(n)] = nodes
+        used_weights.add(n.input[1])
+    graph_nodes = []
+    for n in model.graph.node:
+        graph_nodes.extend(replaced.get(id(n), [n]))
+    del model.graph.node[:]
+    model.graph.node.extend(graph_nodes)
+    still = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name not in used_weights or i.name in still]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    onnx.checker.check_model(model)
+    onnx.save(model, dst)
+    return len(found)
+
+
 # ---------------------------------------------------------------- f16
 
 def gemm_to_matmul(model):
@@ -333,7 +382,16 @@ def check_variant(f32_path, var_path, feeds, limit=12):
     return float(np.mean(cos)), float(np.min(cos))
 
 
-def add_variants(bundle, precisions, graphs=None, calib_images=None):
+def int8_design(graph, design):
+    """The int8 design of a graph: "mmi" (int8 activations and weights, MatMulInteger) for
+    graphs whose products have many rows (the image encoder: a row per patch), "w8" (int8
+    weights, f32 activations) for the decoder step, a matrix-vector product per token."""
+    if design == "auto":
+        return "w8" if graph == "decoder_step" else "mmi"
+    return design
+
+
+def add_variants(bundle, precisions, graphs=None, calib_images=None, design="auto"):
     man_path = os.path.join(bundle, "coca.json")
     with open(man_path) as f:
         manifest = json.load(f)
@@ -363,9 +421,13 @@ def add_variants(bundle, precisions, graphs=None, calib_images=None):
             if g == "decoder_step":
                 graph_feeds = decoder_calibration(bundle, manifest, feeds)
                 log(f"decoder calibration: {len(graph_feeds)} steps of greedy captions")
-            if prec == "int8":
+            method = {"mmi": METHOD, "w8": "sym-w8"}[int8_design(g, design)]
+            if prec == "int8" and method == "sym-w8":
+                n = quantize_w8(src, dst)
+                what = f"{n} matrix products with int8 weights ({method})"
+            elif prec == "int8":
                 n = quantize_int8(src, dst, graph_feeds)
-                what = f"{n} matrix products int8 ({METHOD})"
+                what = f"{n} matrix products int8 ({method})"
             else:
                 convert_f16(src, dst)
                 what = "f16 weights and ops, f32 inputs and outputs"
@@ -375,10 +437,13 @@ def add_variants(bundle, precisions, graphs=None, calib_images=None):
                 f"mean {mean:.5f}, worst {worst:.5f}; {time.time() - t0:.1f}s")
             spec["precisions"][prec] = name
             manifest["files"][name] = {"sha256": sha256_of(dst), "size": os.path.getsize(dst)}
+            images = os.path.relpath(calib_images, ROOT) if calib_images.startswith(ROOT) else calib_images
+            calibrated = prec == "int8" and method == METHOD
             notes.setdefault(g, {})[prec] = {
-                "method": METHOD if prec == "int8" else "f16-keep-io",
-                "calibration": os.path.relpath(calib_images, ROOT) if calib_images.startswith(ROOT) else calib_images,
-                "calibration_inputs": len(graph_feeds),
+                "method": method if prec == "int8" else "f16-keep-io",
+                # weight-only int8 and f16 need no calibration: the images only check the cosine
+                ("calibration" if calibrated else "checked_on"): images,
+                ("calibration_inputs" if calibrated else "checked_inputs"): len(graph_feeds),
                 "cosine_vs_f32_mean": round(mean, 6),
                 "cosine_vs_f32_worst": round(worst, 6),
             }
@@ -393,9 +458,12 @@ def main(argv=None):
     ap.add_argument("--precision", required=True, help="comma list of int8, f16")
     ap.add_argument("--graphs", default="image_encoder", help="comma list of graphs (default image_encoder)")
     ap.add_argument("--calib-images", default=None, help="calibration images (default tests/fixtures/images)")
+    ap.add_argument("--int8-design", default="auto", choices=["auto", "mmi", "w8"],
+                    help="mmi: int8 activations and weights (MatMulInteger); w8: int8 weights only; "
+                         "auto (default): w8 for decoder_step, mmi for the others")
     args = ap.parse_args(argv)
     add_variants(args.bundle, [p.strip() for p in args.precision.split(",") if p.strip()],
-                 [g.strip() for g in args.graphs.split(",") if g.strip()], args.calib_images)
+                 [g.strip() for g in args.graphs.split(",") if g.strip()], args.calib_images, args.int8_design)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,39 @@ use tract_onnx::tract_hir::infer::Factoid;
 use crate::bundle::{Bundle, Dim, GraphSpec, TensorSpec};
 
 pub mod ops;
+pub mod w8;
+
+/// COCA_TRACT_OPS=1: tract's own translations only (for comparisons and diagnosis).
+fn our_ops() -> bool {
+    std::env::var_os("COCA_TRACT_OPS").is_none_or(|v| v.is_empty() || v == "0")
+}
 
 /// tract's ONNX front end with our replacements for the ops it runs slowly ([`ops`]).
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
-    // COCA_TRACT_OPS=1: tract's own translations only (for comparisons and diagnosis)
-    if std::env::var_os("COCA_TRACT_OPS").is_none_or(|v| v.is_empty() || v == "0") {
+    if our_ops() {
         ops::register(&mut onnx);
     }
     onnx
+}
+
+/// Parse an ONNX file with [`onnx`], int8-weight products fused first ([`w8`]).
+pub fn load_onnx(path: &Path) -> TractResult<InferenceModel> {
+    let onnx = onnx();
+    let mut proto = onnx.proto_model_for_path(path)?;
+    if our_ops() {
+        let fused = w8::fuse_weight_dequant(&mut proto);
+        if fused > 0 {
+            log::debug!("{}: {fused} products with int8 weights", path.display());
+        }
+    }
+    let dir = path.parent().and_then(|d| d.to_str());
+    let parsed = onnx.parse(&proto, dir)?;
+    drop(proto);
+    if !parsed.unresolved_inputs.is_empty() {
+        anyhow::bail!("could not resolve inputs at top level: {:?}", parsed.unresolved_inputs);
+    }
+    Ok(parsed.model)
 }
 use crate::error::{Error, Result};
 
@@ -120,7 +144,7 @@ impl Graph {
         let mismatch = |message: String| Error::GraphMismatch { path: path.clone(), message };
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
 
-        let mut model = onnx().model_for_path(&path).map_err(|e| {
+        let mut model = load_onnx(&path).map_err(|e| {
             Error::Engine { what: path.display().to_string(), message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))) }
         })?;
 

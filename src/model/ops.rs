@@ -37,6 +37,7 @@ pub fn register(onnx: &mut tract_onnx::Onnx) {
         let _ = TRACT_LAYER_NORM.set(b);
         onnx.op_register.insert("LayerNormalization", layer_normalization);
     }
+    onnx.op_register.insert(super::w8::FUSED_OP, super::w8::parse);
 }
 
 /// A top-level initializer of the model being parsed, decoded.

@@ -1,0 +1,445 @@
+//! Products with int8 weights and f32 activations (`models/export/quantize.py`, design
+//! "sym-w8"), for the decoder step: at batch 1 it is a matrix-vector product over every decoder
+//! weight, bound by the bytes read per token. The graphs stay standard ONNX,
+//! `DequantizeLinear(W8, scale, axis=1) -> MatMul(x, ·)`, which onnxruntime runs as it is.
+//!
+//! tract would fold the DequantizeLinear of a constant weight back into an f32 constant at
+//! load time (the f32 bytes again, and its f32 kernel), and has no int8 matrix-vector kernel on
+//! x86 for the `MatMulInteger` form. So before parsing, [`fuse_weight_dequant`] rewrites each
+//! such pair in the protobuf into one `CocaMatMulW8` node, which [`MatMulW8`] runs: weights kept
+//! in int8, packed in column blocks of 16, converted to f32 in registers and multiplied into
+//! f32 accumulators, one scale per output column applied at the end. With AVX2 + FMA on x86;
+//! elsewhere (aarch64) a portable loop the compiler vectorises. Column blocks are split over
+//! the threads of tract's executor.
+
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::{self, ModelProto, NodeProto};
+use tract_onnx::tract_hir::internal::*;
+
+/// The op name our rewrite gives fused nodes (never in a graph on disk).
+pub const FUSED_OP: &str = "CocaMatMulW8";
+
+const ONNX_FLOAT: i32 = 1;
+const ONNX_INT8: i32 = 3;
+
+/// Columns per packed block (two AVX vectors of f32).
+const NB: usize = 16;
+
+/// Is this initializer's data all zeros (an int8 zero point)?
+fn all_zero(t: &pb::TensorProto) -> bool {
+    t.raw_data.iter().all(|&b| b == 0) && t.int32_data.iter().all(|&v| v == 0)
+}
+
+/// Rewrite every `MatMul(x, DequantizeLinear(W, s))` whose W is a 2-D int8 initializer with a
+/// per-column (axis 1) or per-tensor float scale and no or zero zero point into one
+/// `CocaMatMulW8(x, W, s)` node; a DequantizeLinear left without consumers is removed.
+/// Returns the number of products fused. Only the top-level graph is rewritten.
+pub fn fuse_weight_dequant(proto: &mut ModelProto) -> usize {
+    use std::collections::{HashMap, HashSet};
+    let Some(graph) = proto.graph.as_mut() else { return 0 };
+    let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let graph_outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    // DequantizeLinear nodes of int8 weights we can take over: output name -> (W, scale)
+    let mut dq: HashMap<String, (String, String)> = HashMap::new();
+    for n in &graph.node {
+        if n.op_type != "DequantizeLinear" || !n.domain.is_empty() && n.domain != "ai.onnx" || n.output.len() != 1 {
+            continue;
+        }
+        let Some(w) = n.input.first().and_then(|i| inits.get(i.as_str())) else { continue };
+        let Some(s) = n.input.get(1).and_then(|i| inits.get(i.as_str())) else { continue };
+        if w.data_type != ONNX_INT8 || w.dims.len() != 2 || s.data_type != ONNX_FLOAT {
+            continue;
+        }
+        let cols = w.dims[1];
+        let mut axis = 1i64;
+        let mut plain = true;
+        for a in &n.attribute {
+            match a.name.as_str() {
+                "axis" => axis = a.i,
+                "block_size" => plain &= a.i == 0,
+                _ => {}
+            }
+        }
+        let per_tensor = s.dims.iter().product::<i64>() == 1;
+        let per_column = s.dims.len() == 1 && s.dims[0] == cols && (axis == 1 || axis == -1);
+        let zero_ok = match n.input.get(2).filter(|z| !z.is_empty()) {
+            None => true,
+            Some(z) => inits.get(z.as_str()).is_some_and(|z| z.data_type == ONNX_INT8 && all_zero(z)),
+        };
+        if plain && (per_tensor || per_column) && zero_ok {
+            dq.insert(n.output[0].clone(), (n.input[0].clone(), n.input[1].clone()));
+        }
+    }
+    if dq.is_empty() {
+        return 0;
+    }
+    let mut fused = 0;
+    for n in graph.node.iter_mut() {
+        if n.op_type == "MatMul" && n.input.len() == 2 && (n.domain.is_empty() || n.domain == "ai.onnx") {
+            if let Some((w, s)) = dq.get(&n.input[1]) {
+                n.op_type = FUSED_OP.to_string();
+                n.input = vec![n.input[0].clone(), w.clone(), s.clone()];
+                fused += 1;
+            }
+        }
+    }
+    // drop the DequantizeLinear nodes nothing reads any more
+    let mut read: HashSet<String> = graph.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
+    read.extend(graph_outputs);
+    graph.node.retain(|n| !(n.op_type == "DequantizeLinear" && dq.contains_key(&n.output[0]) && !read.contains(&n.output[0])));
+    fused
+}
+
+/// A top-level initializer of the model being parsed, decoded.
+fn initializer(ctx: &ParsingContext, name: &str) -> TractResult<Tensor> {
+    let graph = ctx.model.graph.as_ref().context("no graph")?;
+    let t = graph.initializer.iter().find(|t| t.name == name).with_context(|| format!("{FUSED_OP}: no initializer '{name}'"))?;
+    tract_onnx::tensor::load_tensor(&*ctx.framework.provider, t, ctx.model_dir)
+}
+
+pub fn parse(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    ensure!(node.input.len() == 3, "{FUSED_OP} takes x, W and scale");
+    let w = initializer(ctx, &node.input[1])?;
+    let s = initializer(ctx, &node.input[2])?;
+    let s = s.cast_to::<f32>()?;
+    ensure!(w.rank() == 2 && w.datum_type() == i8::datum_type(), "{FUSED_OP}: weight must be 2-D int8");
+    let (k, n) = (w.shape()[0], w.shape()[1]);
+    let scale = s.try_as_plain_ram()?.as_slice::<f32>()?;
+    ensure!(scale.len() == 1 || scale.len() == n, "{FUSED_OP}: {} scales for {n} columns", scale.len());
+    let packed = PackedW8::new(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n, scale);
+    Ok((expand(MatMulW8 { w: Arc::new(packed) }), vec![]))
+}
+
+/// int8 weights `[k, n]` packed for [`PackedW8::matmul`]: column blocks of [`NB`], each block
+/// `k` rows of `NB` values (zero past `n`), with per-column scales.
+#[derive(Debug)]
+pub struct PackedW8 {
+    k: usize,
+    n: usize,
+    data: Vec<i8>,
+    scale: Vec<f32>,
+}
+
+impl PackedW8 {
+    /// Pack row-major `w` (`k` x `n`) with one scale per column (or one for all).
+    pub fn new(w: &[i8], k: usize, n: usize, scale: &[f32]) -> PackedW8 {
+        assert_eq!(w.len(), k * n);
+        let blocks = n.div_ceil(NB);
+        let mut data = vec![0i8; blocks * k * NB];
+        for (kk, row) in w.chunks_exact(n.max(1)).enumerate().take(k) {
+            for (jb, cols) in row.chunks(NB).enumerate() {
+                let at = (jb * k + kk) * NB;
+                data[at..at + cols.len()].copy_from_slice(cols);
+            }
+        }
+        let mut sc = vec![0f32; blocks * NB];
+        if scale.len() == 1 {
+            sc[..n].fill(scale[0]);
+        } else {
+            sc[..n].copy_from_slice(scale);
+        }
+        PackedW8 { k, n, data, scale: sc }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() + self.scale.len() * 4
+    }
+
+    /// `out` (`m` x n) = `a` (`m` x k) times the dequantised weights; column blocks are split
+    /// over `pool`'s threads when there is enough work.
+    pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+        assert_eq!(a.len(), m * self.k);
+        assert_eq!(out.len(), m * self.n);
+        let blocks = self.n.div_ceil(NB);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let threads = pool.map(|p| p.current_num_threads()).unwrap_or(1).min(blocks);
+        if threads > 1 && m * self.k * self.n >= 1 << 18 {
+            let pool = pool.expect("threads > 1");
+            let per = blocks.div_ceil(threads);
+            pool.scope(|s| {
+                for t in 0..threads {
+                    let range = t * per..((t + 1) * per).min(blocks);
+                    // SAFETY: each task writes the columns of its own blocks only
+                    s.spawn(move |_| unsafe { self.blocks(a, m, range, out_ptr.get()) });
+                }
+            });
+        } else {
+            // SAFETY: out has m x n values
+            unsafe { self.blocks(a, m, 0..blocks, out_ptr.get()) }
+        }
+    }
+
+    /// Column blocks `range` of every row. SAFETY: `out` points to m x n writable values and no
+    /// other thread writes these blocks' columns.
+    unsafe fn blocks(&self, a: &[f32], m: usize, range: std::ops::Range<usize>, out: *mut f32) {
+        let (k, n) = (self.k, self.n);
+        let mut acc = [[0f32; NB]; MAX_ROWS];
+        for jb in range {
+            let w = &self.data[jb * k * NB..(jb + 1) * k * NB];
+            let cols = NB.min(n - jb * NB);
+            let scale = &self.scale[jb * NB..(jb + 1) * NB];
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = MAX_ROWS.min(m - r0);
+                kernel(&a[r0 * k..(r0 + rows) * k], rows, k, w, &mut acc[..rows]);
+                for (r, acc) in acc[..rows].iter().enumerate() {
+                    let o = out.add((r0 + r) * n + jb * NB);
+                    for j in 0..cols {
+                        *o.add(j) = acc[j] * scale[j];
+                    }
+                }
+                r0 += rows;
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// (a method, so closures capture the Send wrapper rather than its raw pointer field)
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: used only to hand disjoint output columns to the pool's tasks
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Rows computed together, so each weight block is read once per group of rows.
+const MAX_ROWS: usize = 6;
+
+/// acc[r] = sum over k of a[r, k] * w[k, 0..16] for `rows` rows of `a` (row stride k).
+fn kernel(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f32; NB]]) {
+    debug_assert!(rows <= MAX_ROWS && a.len() == rows * k && w.len() == k * NB);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA; the slices have the sizes asserted above
+        unsafe {
+            let (a, w, o) = (a.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
+            match rows {
+                1 => x86::kernel::<1, 4>(a, k, w, o),
+                2 => x86::kernel::<2, 2>(a, k, w, o),
+                3 => x86::kernel::<3, 2>(a, k, w, o),
+                4 => x86::kernel::<4, 1>(a, k, w, o),
+                5 => x86::kernel::<5, 1>(a, k, w, o),
+                _ => x86::kernel::<6, 1>(a, k, w, o),
+            }
+        }
+        return;
+    }
+    kernel_portable(a, rows, k, w, acc)
+}
+
+/// The same sums in plain Rust (vectorised by the compiler where it can: NEON on aarch64).
+fn kernel_portable(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f32; NB]]) {
+    for (r, out) in acc.iter_mut().enumerate().take(rows) {
+        let mut s = [0f32; NB];
+        for (&x, wk) in a[r * k..(r + 1) * k].iter().zip(w.chunks_exact(NB)) {
+            for j in 0..NB {
+                s[j] += x * wk[j] as f32;
+            }
+        }
+        *out = s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::NB;
+    use std::arch::x86_64::*;
+
+    /// `R` rows, `U` independent accumulator sets along k (so a single row still keeps
+    /// 8 FMA chains in flight). SAFETY: AVX2 + FMA; `a` has R x k values, `w` k x 16,
+    /// `out` R blocks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel<const R: usize, const U: usize>(a: *const f32, k: usize, w: *const i8, out: *mut [f32; NB]) {
+        let mut lo = [[_mm256_setzero_ps(); U]; R];
+        let mut hi = [[_mm256_setzero_ps(); U]; R];
+        let main = k / U * U;
+        let mut kk = 0;
+        while kk < main {
+            for u in 0..U {
+                let x = _mm_loadu_si128(w.add((kk + u) * NB) as *const __m128i);
+                let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+                let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(x, x)));
+                for r in 0..R {
+                    let av = _mm256_broadcast_ss(&*a.add(r * k + kk + u));
+                    lo[r][u] = _mm256_fmadd_ps(av, w0, lo[r][u]);
+                    hi[r][u] = _mm256_fmadd_ps(av, w1, hi[r][u]);
+                }
+            }
+            kk += U;
+        }
+        while kk < k {
+            let x = _mm_loadu_si128(w.add(kk * NB) as *const __m128i);
+            let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+            let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(x, x)));
+            for r in 0..R {
+                let av = _mm256_broadcast_ss(&*a.add(r * k + kk));
+                lo[r][0] = _mm256_fmadd_ps(av, w0, lo[r][0]);
+                hi[r][0] = _mm256_fmadd_ps(av, w1, hi[r][0]);
+            }
+            kk += 1;
+        }
+        for r in 0..R {
+            let (mut l, mut h) = (lo[r][0], hi[r][0]);
+            for u in 1..U {
+                l = _mm256_add_ps(l, lo[r][u]);
+                h = _mm256_add_ps(h, hi[r][u]);
+            }
+            let o = (*out.add(r)).as_mut_ptr();
+            _mm256_storeu_ps(o, l);
+            _mm256_storeu_ps(o.add(8), h);
+        }
+    }
+}
+
+/// `x [.., k] -> [.., n]` with int8 weights held by the op (parse-time expansion).
+#[derive(Debug, Clone)]
+pub struct MatMulW8 {
+    w: Arc<PackedW8>,
+}
+
+impl PartialEq for MatMulW8 {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.w, &other.w)
+    }
+}
+
+impl Eq for MatMulW8 {}
+
+impl Expansion for MatMulW8 {
+    fn name(&self) -> StaticName {
+        "MatMulW8".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
+        check_input_arity(inputs, 3)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        let (k, n) = (self.w.k, self.w.n);
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for ax in 0..rank.saturating_sub(1) {
+                s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
+            }
+            if rank >= 1 {
+                s.equals(&inputs[0].shape[rank - 1], k.to_dim())?;
+                s.equals(&outputs[0].shape[rank - 1], n.to_dim())?;
+            }
+            Ok(())
+        })
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        // the weight and scale inputs are the initializers the op already holds
+        model.wire_node(prefix, self.clone(), &inputs[..1])
+    }
+}
+
+impl Op for MatMulW8 {
+    fn name(&self) -> StaticName {
+        "MatMulW8".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("int8 weights {}x{}", self.w.k, self.w.n)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for MatMulW8 {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = &inputs[0];
+        let shape = x.shape();
+        ensure!(shape.last() == Some(&self.w.k), "MatMulW8: input {shape:?}, weights {}x{}", self.w.k, self.w.n);
+        let m: usize = shape[..shape.len() - 1].iter().product();
+        let mut out_shape: TVec<usize> = shape.into();
+        *out_shape.last_mut().unwrap() = self.w.n;
+        let xs = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let ys = view.as_slice_mut::<f32>()?;
+            match tract_linalg::multithread::current_tract_executor() {
+                tract_linalg::multithread::Executor::MultiThread(pool) => self.w.matmul(xs, m, ys, Some(&pool)),
+                _ => self.w.matmul(xs, m, ys, None),
+            }
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for MatMulW8 {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs[0];
+        ensure!(x.datum_type == f32::datum_type(), "MatMulW8 takes f32, got {:?}", x.datum_type);
+        ensure!(x.rank() >= 1, "MatMulW8 of a scalar");
+        let mut shape: TVec<TDim> = x.shape.iter().cloned().collect();
+        if let Ok(k) = shape[shape.len() - 1].to_usize() {
+            ensure!(k == self.w.k, "MatMulW8: input {:?}, weights {}x{}", x.shape, self.w.k, self.w.n);
+        }
+        *shape.last_mut().unwrap() = self.w.n.to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dequantised product in f64, and for each value the sum of its terms' magnitudes
+    /// (f32 rounding in any summation order stays within a few ulps of that).
+    fn reference(a: &[f32], m: usize, k: usize, w: &[i8], n: usize, scale: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![0f32; m * n];
+        let mut mag = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let s = if scale.len() == 1 { scale[0] } else { scale[j] };
+                let terms = (0..k).map(|kk| a[r * k + kk] as f64 * (w[kk * n + j] as f64 * s as f64));
+                out[r * n + j] = terms.clone().sum::<f64>() as f32;
+                mag[r * n + j] = terms.map(f64::abs).sum::<f64>() as f32;
+            }
+        }
+        (out, mag)
+    }
+
+    #[test]
+    fn matches_dequantised_product_for_every_row_count_and_odd_sizes() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(m, k, n) in &[(1, 1, 1), (1, 7, 5), (2, 33, 17), (3, 64, 48), (5, 13, 31), (6, 8, 16), (7, 130, 40), (13, 9, 3), (1, 512, 600)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let w: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+            for scale in [vec![0.01f32], (0..n).map(|j| 0.001 + j as f32 * 1e-4).collect()] {
+                let p = PackedW8::new(&w, k, n, &scale);
+                let (want, mag) = reference(&a, m, k, &w, n, &scale);
+                let close = |g: f32, i: usize| (g - want[i]).abs() <= 1e-6 * (1.0 + mag[i]);
+                for pool in [None, Some(&pool)] {
+                    let mut got = vec![f32::NAN; m * n];
+                    p.matmul(&a, m, &mut got, pool);
+                    for (i, &g) in got.iter().enumerate() {
+                        assert!(close(g, i), "m {m} k {k} n {n}: {g} vs {}", want[i]);
+                    }
+                }
+                let mut got = vec![[0f32; NB]; m.min(MAX_ROWS)];
+                kernel_portable(&a[..m.min(MAX_ROWS) * k], m.min(MAX_ROWS), k, &p.data[..k * NB], &mut got);
+                for r in 0..m.min(MAX_ROWS) {
+                    for j in 0..NB.min(n) {
+                        assert!(close(got[r][j] * p.scale[j], r * n + j), "portable m {m} k {k} n {n}");
+                    }
+                }
+            }
+        }
+    }
+}
