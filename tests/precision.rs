@@ -254,12 +254,13 @@ fn int8_weight_products_match_onnxruntime() {
     }
 }
 
-/// The int8 decoder step of the test bundle (int8 weights) keeps open_clip's greedy captions:
-/// fed the f32 image features, every token equals PyTorch's, except after a step where
-/// PyTorch's own top-2 logits are within 0.1: over the 144 greedy steps of quantize.py's check
-/// set, int8 weights shift the top-2 margin of this random-weight model by 0.010 (median) and
-/// 0.057 (most), in onnxruntime on the same graphs; such a near tie may flip, and the test says
-/// where it did. Most captions must stay identical.
+/// The int8 captioning graphs of the test bundle (cross_kv: int8 weights and activations;
+/// decoder step: int8 weights) keep open_clip's greedy captions: fed the f32 image features,
+/// every token equals PyTorch's, except after a step where PyTorch's own top-2 logits are within
+/// 0.1. Over the 144 greedy steps of quantize.py's check set, the int8 decoder step alone shifts
+/// the top-2 margin of this random-weight model by 0.010 (median) and 0.057 (most), in
+/// onnxruntime on the same graphs; such a near tie may flip, and the test says where it did.
+/// Most captions must stay identical.
 #[test]
 fn int8_decoder_keeps_pytorch_greedy_captions() {
     use coca_edge::caption::{CaptionOptions, Search};

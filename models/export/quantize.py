@@ -103,6 +103,16 @@ def image_calibration(manifest, folder):
     return [{"image": x} for x in feeds]
 
 
+def captioning_tokens(bundle, manifest, image_feeds):
+    """cross_kv inputs: the f32 image encoder's captioning tokens of the calibration images."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    enc = ort.InferenceSession(os.path.join(bundle, manifest["graphs"]["image_encoder"]["precisions"]["f32"]), so,
+                               providers=["CPUExecutionProvider"])
+    return [{"tokens": enc.run(None, feed)[1]} for feed in image_feeds]
+
+
 def decoder_calibration(bundle, manifest, image_feeds, n_images=12, steps=20):
     """decoder_step inputs met while greedily captioning calibration images with the f32
     graphs (onnxruntime): the prompt step and every later one, with real caches."""
@@ -387,7 +397,7 @@ def int8_design(graph, design):
     graphs whose products have many rows (the image encoder: a row per patch), "w8" (int8
     weights, f32 activations) for the decoder step, a matrix-vector product per token."""
     if design == "auto":
-        return "w8" if graph == "decoder_step" else "mmi"
+        return "w8" if graph == "decoder_step" else "mmi"  # cross_kv: 255 rows, like the encoder
     return design
 
 
@@ -408,8 +418,8 @@ def add_variants(bundle, precisions, graphs=None, calib_images=None, design="aut
             spec = manifest["graphs"].get(g)
             if spec is None:
                 raise SystemExit(f"error: the bundle has no graph '{g}'")
-            if g not in ("image_encoder", "decoder_step") and prec == "int8":
-                raise SystemExit(f"error: int8 calibration is implemented for image_encoder and decoder_step, not '{g}'")
+            if g not in ("image_encoder", "cross_kv", "decoder_step") and prec == "int8":
+                raise SystemExit(f"error: int8 calibration is implemented for image_encoder, cross_kv and decoder_step, not '{g}'")
             src = os.path.join(bundle, spec["precisions"]["f32"])
             name = f"{g}.{prec}.onnx"
             dst = os.path.join(bundle, name)
@@ -421,6 +431,9 @@ def add_variants(bundle, precisions, graphs=None, calib_images=None, design="aut
             if g == "decoder_step":
                 graph_feeds = decoder_calibration(bundle, manifest, feeds)
                 log(f"decoder calibration: {len(graph_feeds)} steps of greedy captions")
+            elif g == "cross_kv":
+                graph_feeds = captioning_tokens(bundle, manifest, feeds)
+                log(f"cross_kv calibration: captioning tokens of {len(graph_feeds)} images")
             method = {"mmi": METHOD, "w8": "sym-w8"}[int8_design(g, design)]
             if prec == "int8" and method == "sym-w8":
                 n = quantize_w8(src, dst)
@@ -456,7 +469,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", help="bundle folder written by export.py")
     ap.add_argument("--precision", required=True, help="comma list of int8, f16")
-    ap.add_argument("--graphs", default="image_encoder", help="comma list of graphs (default image_encoder)")
+    ap.add_argument("--graphs", default="image_encoder",
+                    help="comma list of graphs: image_encoder (default), cross_kv, decoder_step (int8); any (f16)")
     ap.add_argument("--calib-images", default=None, help="calibration images (default tests/fixtures/images)")
     ap.add_argument("--int8-design", default="auto", choices=["auto", "mmi", "w8"],
                     help="mmi: int8 activations and weights (MatMulInteger); w8: int8 weights only; "

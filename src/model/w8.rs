@@ -8,9 +8,9 @@
 //! x86 for the `MatMulInteger` form. So before parsing, [`fuse_weight_dequant`] rewrites each
 //! such pair in the protobuf into one `CocaMatMulW8` node, which [`MatMulW8`] runs: weights kept
 //! in int8, packed in column blocks of 16, converted to f32 in registers and multiplied into
-//! f32 accumulators, one scale per output column applied at the end. With AVX2 + FMA on x86;
-//! elsewhere (aarch64) a portable loop the compiler vectorises. Column blocks are split over
-//! the threads of tract's executor.
+//! f32 accumulators, one scale per output column applied at the end. With AVX-512F or AVX2 + FMA
+//! on x86 (chosen at run time); elsewhere (aarch64) a portable loop the compiler vectorises.
+//! Column blocks are split over the threads of tract's executor.
 
 use std::sync::Arc;
 
@@ -216,6 +216,22 @@ const MAX_ROWS: usize = 6;
 fn kernel(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f32; NB]]) {
     debug_assert!(rows <= MAX_ROWS && a.len() == rows * k && w.len() == k * NB);
     #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the slices have the sizes asserted above
+        unsafe {
+            let (a, w, o) = (a.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
+            match rows {
+                1 => x86::kernel512::<1, 4>(a, k, w, o),
+                2 => x86::kernel512::<2, 2>(a, k, w, o),
+                3 => x86::kernel512::<3, 2>(a, k, w, o),
+                4 => x86::kernel512::<4, 1>(a, k, w, o),
+                5 => x86::kernel512::<5, 1>(a, k, w, o),
+                _ => x86::kernel512::<6, 1>(a, k, w, o),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA; the slices have the sizes asserted above
         unsafe {
@@ -251,6 +267,39 @@ fn kernel_portable(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f32; 
 mod x86 {
     use super::NB;
     use std::arch::x86_64::*;
+
+    /// The AVX-512 form: one 16-lane register per block row, the int8 -> i32 widening reads
+    /// memory directly (4 instructions per 16 weights and row against 9 with AVX2).
+    /// SAFETY: AVX-512F; `a` has R x k values, `w` k x 16, `out` R blocks.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel512<const R: usize, const U: usize>(a: *const f32, k: usize, w: *const i8, out: *mut [f32; NB]) {
+        let mut acc = [[_mm512_setzero_ps(); U]; R];
+        let main = k / U * U;
+        let mut kk = 0;
+        while kk < main {
+            for u in 0..U {
+                let wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(w.add((kk + u) * NB) as *const __m128i)));
+                for r in 0..R {
+                    acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * k + kk + u)), wv, acc[r][u]);
+                }
+            }
+            kk += U;
+        }
+        while kk < k {
+            let wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(w.add(kk * NB) as *const __m128i)));
+            for r in 0..R {
+                acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * k + kk)), wv, acc[r][0]);
+            }
+            kk += 1;
+        }
+        for r in 0..R {
+            let mut v = acc[r][0];
+            for u in 1..U {
+                v = _mm512_add_ps(v, acc[r][u]);
+            }
+            _mm512_storeu_ps((*out.add(r)).as_mut_ptr(), v);
+        }
+    }
 
     /// `R` rows, `U` independent accumulator sets along k (so a single row still keeps
     /// 8 FMA chains in flight). SAFETY: AVX2 + FMA; `a` has R x k values, `w` k x 16,
@@ -432,11 +481,47 @@ mod tests {
                         assert!(close(g, i), "m {m} k {k} n {n}: {g} vs {}", want[i]);
                     }
                 }
-                let mut got = vec![[0f32; NB]; m.min(MAX_ROWS)];
-                kernel_portable(&a[..m.min(MAX_ROWS) * k], m.min(MAX_ROWS), k, &p.data[..k * NB], &mut got);
-                for r in 0..m.min(MAX_ROWS) {
-                    for j in 0..NB.min(n) {
-                        assert!(close(got[r][j] * p.scale[j], r * n + j), "portable m {m} k {k} n {n}");
+                // every kernel this CPU can run, on the first column block, for each row count
+                for rows in 1..=m.min(MAX_ROWS) {
+                    let (a, w) = (&a[..rows * k], &p.data[..k * NB]);
+                    let mut kernels: Vec<(&str, Vec<[f32; NB]>)> = Vec::new();
+                    let mut out = vec![[0f32; NB]; rows];
+                    kernel_portable(a, rows, k, w, &mut out);
+                    kernels.push(("portable", out));
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        let one = |f: unsafe fn(*const f32, usize, *const i8, *mut [f32; NB])| {
+                            let mut out = vec![[0f32; NB]; rows];
+                            f(a.as_ptr(), k, w.as_ptr(), out.as_mut_ptr());
+                            out
+                        };
+                        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                            kernels.push(("avx2", match rows {
+                                1 => one(x86::kernel::<1, 4>),
+                                2 => one(x86::kernel::<2, 2>),
+                                3 => one(x86::kernel::<3, 2>),
+                                4 => one(x86::kernel::<4, 1>),
+                                5 => one(x86::kernel::<5, 1>),
+                                _ => one(x86::kernel::<6, 1>),
+                            }));
+                        }
+                        if std::is_x86_feature_detected!("avx512f") {
+                            kernels.push(("avx512", match rows {
+                                1 => one(x86::kernel512::<1, 4>),
+                                2 => one(x86::kernel512::<2, 2>),
+                                3 => one(x86::kernel512::<3, 2>),
+                                4 => one(x86::kernel512::<4, 1>),
+                                5 => one(x86::kernel512::<5, 1>),
+                                _ => one(x86::kernel512::<6, 1>),
+                            }));
+                        }
+                    }
+                    for (name, got) in kernels {
+                        for r in 0..rows {
+                            for j in 0..NB.min(n) {
+                                assert!(close(got[r][j] * p.scale[j], r * n + j), "{name} rows {rows} k {k} n {n}");
+                            }
+                        }
                     }
                 }
             }
