@@ -155,7 +155,9 @@ impl PackedW8 {
         let blocks = self.n.div_ceil(NB);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let threads = pool.map(|p| p.current_num_threads()).unwrap_or(1).min(blocks);
-        if threads > 1 && m * self.k * self.n >= 1 << 18 {
+        // waking the pool costs some microseconds a call: only products of a few MB of int8
+        // weights per row group (the vocabulary projection at batch 1, most at 6 beams) gain
+        if threads > 1 && m * self.k * self.n >= PARALLEL_MACS {
             let pool = pool.expect("threads > 1");
             let per = blocks.div_ceil(threads);
             pool.scope(|s| {
@@ -208,6 +210,9 @@ impl SendPtr {
 // SAFETY: used only to hand disjoint output columns to the pool's tasks
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// Multiply-accumulates from which a product is split over the executor's threads.
+const PARALLEL_MACS: usize = 1 << 23;
 
 /// Rows computed together, so each weight block is read once per group of rows.
 const MAX_ROWS: usize = 6;
@@ -467,7 +472,7 @@ mod tests {
     #[test]
     fn matches_dequantised_product_for_every_row_count_and_odd_sizes() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for &(m, k, n) in &[(1, 1, 1), (1, 7, 5), (2, 33, 17), (3, 64, 48), (5, 13, 31), (6, 8, 16), (7, 130, 40), (13, 9, 3), (1, 512, 600)] {
+        for &(m, k, n) in &[(1, 1, 1), (1, 7, 5), (2, 33, 17), (3, 64, 48), (5, 13, 31), (6, 8, 16), (7, 130, 40), (13, 9, 3), (1, 512, 600), (2, 512, 8200)] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
             let w: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
             for scale in [vec![0.01f32], (0..n).map(|j| 0.001 + j as f32 * 1e-4).collect()] {
