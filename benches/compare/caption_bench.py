@@ -39,8 +39,8 @@ def main():
     ap.add_argument("--ref-runs", type=int, default=3)
     ap.add_argument("--image", default=os.path.join(common.ROOT, "tests", "fixtures", "images", "china.jpg"))
     ap.add_argument("--int8-bundle", default=None,
-                    help="also time coca-edge --precision int8 on this bundle (one with an int8 decoder_step, e.g. "
-                         "build/precision-variants/decoder-int8 made by precision.py --decoder)")
+                    help="also time coca-edge --precision int8 on this bundle (one with int8 cross_kv and decoder_step, e.g. "
+                         "build/precision-variants/decoder-int8-w8 made by precision.py --decoder)")
     ap.add_argument("--md", action="store_true")
     args = ap.parse_args()
     bundle = args.bundle or os.path.join(common.ROOT, "build", f"{args.model}-random{args.seed}")
@@ -120,7 +120,7 @@ def main():
         print(f"Whole caption, {L} tokens with SOT ({L - 1} generated; random weights never stop early):\n")
         if ours8:
             g8, b8 = ours8["whole_caption"]["greedy"]["ms_median"], ours8["whole_caption"]["beam"]["ms_median"]
-            print("| search | open_clip generate() ms | onnxruntime (our graphs) ms | coca-edge ms | coca speed-up vs open_clip | coca-edge int8 decoder ms | int8 speed-up vs open_clip |")
+            print("| search | open_clip generate() ms | onnxruntime (our graphs) ms | coca-edge ms | coca speed-up vs open_clip | coca-edge int8 ms | int8 speed-up vs open_clip |")
             print("|---|---|---|---|---|---|---|")
             print(f"| greedy | {ref_greedy:.0f} | {ort_greedy:.0f} | {g_ours:.0f} | {ref_greedy / g_ours:.1f}x | {g8:.0f} | {ref_greedy / g8:.1f}x |")
             print(f"| beam (6 beams, 3 groups) | {ref_beam:.0f} | n/a | {b_ours:.0f} | {ref_beam / b_ours:.1f}x | {b8:.0f} | {ref_beam / b8:.1f}x |")

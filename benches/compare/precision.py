@@ -16,7 +16,7 @@ models/export/requirements.txt) plus tests/fixtures/images' china, flower and gr
 Speed (image encoder, batch 1, medians): coca-edge f32 and int8 (`coca bench`), onnxruntime f32,
 onnxruntime on our int8 graph, and onnxruntime on its own best int8 graph for itself (static QDQ,
 symmetric per-channel, made here with onnxruntime.quantization from the same calibration set);
-with --decoder, also the decoder step (batch 1 and 6 beams) in f32 and int8.
+with --decoder, also the decoder step (batch 1 and 6 beams) in f32 and int8, both int8 designs.
 Missing int8 variants are added to the bundle first (models/export/quantize.py).
 """
 import argparse
@@ -138,20 +138,25 @@ def variant_bundle(bundle, manifest, name, graph_path):
     return d
 
 
-def decoder_bundle(bundle):
-    """A copy of `bundle` (hard links) with an int8 decoder step added by quantize.py."""
+def decoder_bundle(bundle, design="w8"):
+    """A copy of `bundle` (hard links) with int8 captioning graphs added by quantize.py: the
+    decoder step of `design` (quantize.py's --int8-design: w8, the default, or mmi) and cross_kv
+    (its default, mmi)."""
     import shutil
-    d = os.path.join(os.path.dirname(os.path.abspath(bundle)), "precision-variants", "decoder-int8")
+    d = os.path.join(os.path.dirname(os.path.abspath(bundle)), "precision-variants", f"decoder-int8-{design}")
     os.makedirs(d, exist_ok=True)
     for f in os.listdir(bundle):
-        if f.endswith((".onnx", ".gz")) and not os.path.exists(os.path.join(d, f)):
+        if f.endswith((".onnx", ".gz")) and not f.startswith(("decoder_step.int8", "cross_kv.int8")) and not os.path.exists(os.path.join(d, f)):
             os.link(os.path.join(bundle, f), os.path.join(d, f))
     with open(os.path.join(d, "coca.json")) if os.path.exists(os.path.join(d, "coca.json")) else open(os.path.join(bundle, "coca.json")) as f:
         m = json.load(f)
     if "int8" not in m["graphs"]["decoder_step"]["precisions"]:
         shutil.copy(os.path.join(bundle, "coca.json"), os.path.join(d, "coca.json"))
-        print(f"adding an int8 decoder step to {d}", file=sys.stderr, flush=True)
-        quantize.add_variants(d, ["int8"], ["decoder_step"])
+        print(f"adding an int8 decoder step ({design}) to {d}", file=sys.stderr, flush=True)
+        quantize.add_variants(d, ["int8"], ["decoder_step"], design=design)
+    if "int8" not in m["graphs"]["cross_kv"]["precisions"]:
+        print(f"adding an int8 cross_kv to {d}", file=sys.stderr, flush=True)
+        quantize.add_variants(d, ["int8"], ["cross_kv"])
     return d
 
 
@@ -251,6 +256,7 @@ def main():
     # the int8 decoder step lives in a copy of the bundle, so the accuracy rows of the bundle
     # itself are those of its shipped form (int8 image encoder only)
     dec_bundle = decoder_bundle(bundle) if args.decoder else None
+    mmi_bundle = decoder_bundle(bundle, "mmi") if args.decoder else None
     photos = sorted(glob.glob(os.path.join(args.photos, "*.png")) + glob.glob(os.path.join(args.photos, "*.jpg"))) \
         if args.photos else default_photos()
 
@@ -267,8 +273,11 @@ def main():
         acc.append(r)
         if p == "int8" and dec_bundle:
             rd = accuracy(coca, dec_bundle, p, photos, args.labels, False)
-            rd["precision"] = "int8 (image encoder and decoder step)"
+            rd["precision"] = "int8 (image encoder, cross_kv and decoder step; the step with int8 weights: sym-w8)"
             acc.append(rd)
+            rm = accuracy(coca, mmi_bundle, p, photos, args.labels, False)
+            rm["precision"] = "int8 (image encoder, cross_kv and decoder step; the step with int8 weights and activations: sym-mmi, not shipped)"
+            acc.append(rm)
             print(f"int8 with the decoder: greedy captions identical {rd['caption_same']}/{rd['photos']}, tokens agreeing "
                   f"{100 * rd['token_agree']:.1f}%", file=sys.stderr, flush=True)
         print(f"{p}: cosine vs f32 mean {r['cos_mean']:.5f}, worst {r['cos_worst']:.5f} ({r['worst_photo']}); zero-shot "
@@ -300,6 +309,13 @@ def main():
                     row[f"step1_{p}"] = float(np.median(c["step_ms_by_past"]["batch1"]))
                     row[f"step6_{p}"] = float(np.median(c["step_ms_by_past"]["batch6"]))
                     row[f"greedy_{p}"] = c["whole_caption"]["greedy"]["ms_median"]
+            if args.decoder:  # the design not chosen, same run
+                r = coca_json(coca, mmi_bundle, "int8", ["--threads", str(t), "bench", os.path.join(common.ROOT, "tests", "fixtures", "images", "china.jpg"),
+                                                      "--json", "--runs", str(args.runs), "--warmup", str(args.warmup), "--caption", "--step-len", "10", "--caption-len", "21"])[0]
+                c = r["caption"]
+                row["step1_mmi"] = float(np.median(c["step_ms_by_past"]["batch1"]))
+                row["step6_mmi"] = float(np.median(c["step_ms_by_past"]["batch6"]))
+                row["greedy_mmi"] = c["whole_caption"]["greedy"]["ms_median"]
             rows.append(row)
             print(f"threads {t}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "threads"), file=sys.stderr, flush=True)
 
@@ -339,13 +355,16 @@ def main():
                 print(f"| {r['threads']} | {r['coca_f32']:.1f} | {r['coca_int8']:.1f} | {r['coca_f32'] / r['coca_int8']:.2f}x | {r['ort_f32']:.1f} | "
                       f"{r['ort_ours_int8']:.1f} | {r['ort_qdq_int8']:.1f} | {r['coca_int8'] / best:.2f} |")
             if args.decoder:
-                print("\nDecoder step (medians over past 0..9) and a whole 21-token greedy caption, coca-edge:\n")
-                print("| threads | step B=1 f32 ms | step B=1 int8 ms | speed-up | step B=6 f32 ms | step B=6 int8 ms | speed-up | greedy caption f32 ms | int8 ms |")
-                print("|---|---|---|---|---|---|---|---|---|")
+                dsize = lambda b: os.path.getsize(os.path.join(b, "decoder_step.int8.onnx")) / 1e6
+                print(f"\nDecoder step (medians over past 0..9) and a whole 21-token greedy caption (encoder excluded), coca-edge. "
+                      f"int8 = sym-w8 (int8 weights, f32 activations; {dsize(dec_bundle):.0f} MB), the shipped design; "
+                      f"sym-mmi (int8 weights and activations, MatMulInteger; {dsize(mmi_bundle):.0f} MB) beside it:\n")
+                print("| threads | step B=1 f32 ms | int8 ms | speed-up | sym-mmi ms | step B=6 f32 ms | int8 ms | speed-up | sym-mmi ms | greedy caption f32 ms | int8 ms | sym-mmi ms |")
+                print("|---|---|---|---|---|---|---|---|---|---|---|---|")
                 for r in rows:
-                    print(f"| {r['threads']} | {r['step1_f32']:.1f} | {r['step1_int8']:.1f} | {r['step1_f32'] / r['step1_int8']:.2f}x | "
-                          f"{r['step6_f32']:.1f} | {r['step6_int8']:.1f} | {r['step6_f32'] / r['step6_int8']:.2f}x | "
-                          f"{r['greedy_f32']:.0f} | {r['greedy_int8']:.0f} |")
+                    print(f"| {r['threads']} | {r['step1_f32']:.1f} | {r['step1_int8']:.1f} | {r['step1_f32'] / r['step1_int8']:.2f}x | {r['step1_mmi']:.1f} | "
+                          f"{r['step6_f32']:.1f} | {r['step6_int8']:.1f} | {r['step6_f32'] / r['step6_int8']:.2f}x | {r['step6_mmi']:.1f} | "
+                          f"{r['greedy_f32']:.0f} | {r['greedy_int8']:.0f} | {r['greedy_mmi']:.0f} |")
 
 
 if __name__ == "__main__":
