@@ -252,7 +252,7 @@ def quantize_w8(src, dst):
     with W8 int8, symmetric, one scale per output channel; activations stay f32, so no
     calibration. For matrix-vector products (a decoder step at batch 1 reads every weight once
     per token): coca-edge's loader runs each DequantizeLinear -> MatMul pair as one op that
-    reads the int8 weights directly (src/model/ops.rs, `MatMulW8`); onnxruntime runs the
+    reads the int8 weights directly (src/model/w8.rs, `MatMulW8`); onnxruntime runs the
     standard graph as it is."""
     model = onnx.load(src)
     found = weight_matmuls(model)

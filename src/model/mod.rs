@@ -43,12 +43,14 @@ pub fn onnx() -> tract_onnx::Onnx {
 pub fn load_onnx(path: &Path) -> TractResult<InferenceModel> {
     let mut onnx = onnx();
     let mut proto = read_proto(path)?;
-    if our_ops() {
+    // (lives until the protobuf is parsed: it holds the fused products' packed weights)
+    let _fused = our_ops().then(|| {
         let fused = w8::fuse_weight_dequant(&mut proto);
-        if fused > 0 {
-            log::debug!("{}: {fused} products with int8 weights", path.display());
+        if fused.products > 0 {
+            log::debug!("{}: {} products with int8 weights", path.display(), fused.products);
         }
-    }
+        fused
+    });
     if let Some(moved) = MovedWeights::take(&mut proto, path) {
         onnx.provider = Arc::new(moved);
     }
@@ -131,15 +133,16 @@ impl bytes::Buf for FileWindow {
     }
 }
 
-/// Float weights of at least this many bytes are moved out of the protobuf ([`load_onnx`]).
+/// Weights of at least this many bytes are moved out of the protobuf ([`load_onnx`]).
 const MOVE_BYTES: usize = 1 << 16;
 /// Offsets at or above this name moved weights (no real file is that large).
-const MOVED_BASE: usize = 1 << 40;
+const MOVED_BASE: u64 = 1 << 40;
 
-/// Large weights taken out of a decoded protobuf. Each is marked as external data located in
-/// the model file itself (an existing path inside the model's folder, as tract requires) at an
-/// offset from [`MOVED_BASE`] that indexes this store; tract's reads of such offsets take the
-/// bytes from here, once, without a copy. Real external data goes to tract's own reader.
+/// Large weights taken out of a decoded protobuf. Each is marked as external data located at
+/// "." (the model's folder itself: tract requires an existing path inside it, and "." holds
+/// for symlinked model files too) at an offset from [`MOVED_BASE`] that indexes this store;
+/// tract's reads of such offsets take the bytes from here, once, without a copy. Real external
+/// data goes to tract's own reader. Only on 64-bit targets (the offsets).
 struct MovedWeights {
     data: std::sync::Mutex<Vec<Option<Vec<u8>>>>,
 }
@@ -150,23 +153,21 @@ impl MovedWeights {
         if usize::BITS < 64 {
             return None;
         }
-        let file = path.file_name()?.to_str()?.to_string();
+        // tract resolves external data only with a model folder it can name
+        path.parent()?.to_str()?;
         let graph = proto.graph.as_mut()?;
-        // our parsers read these initializers themselves ([`w8::parse`]): they stay
-        let ours: std::collections::HashSet<String> =
-            graph.node.iter().filter(|n| n.op_type == w8::FUSED_OP).flat_map(|n| n.input.iter().skip(1).cloned()).collect();
         let mut data = Vec::new();
-        for t in graph.initializer.iter_mut().filter(|t| !ours.contains(&t.name)) {
-            // f32, f16, f64 and bf16 weights stored inline
-            let float = matches!(t.data_type, 1 | 10 | 11 | 16);
-            if !float || t.raw_data.len() < MOVE_BYTES || t.data_location == Some(1) || !t.external_data.is_empty() {
+        for t in graph.initializer.iter_mut() {
+            // large tensors stored inline (the few our parsers read themselves are small scales
+            // and zero points, or were taken by [`w8::fuse_weight_dequant`] already)
+            if t.raw_data.len() < MOVE_BYTES || t.data_location == Some(1) || !t.external_data.is_empty() {
                 continue;
             }
             let bytes = std::mem::take(&mut t.raw_data);
             let entry = |key: &str, value: String| Entry { key: key.into(), value };
             t.external_data = vec![
-                entry("location", file.clone()),
-                entry("offset", (MOVED_BASE + data.len()).to_string()),
+                entry("location", ".".to_string()),
+                entry("offset", (MOVED_BASE + data.len() as u64).to_string()),
                 entry("length", bytes.len().to_string()),
             ];
             t.data_location = Some(1);
@@ -178,10 +179,10 @@ impl MovedWeights {
 
 impl tract_onnx::data_resolver::ModelDataResolver for MovedWeights {
     fn read_bytes_from_path(&self, buf: &mut Vec<u8>, p: &Path, offset: usize, length: Option<usize>) -> TractResult<()> {
-        if offset < MOVED_BASE {
+        if (offset as u64) < MOVED_BASE {
             return tract_onnx::data_resolver::MmapDataResolver.read_bytes_from_path(buf, p, offset, length);
         }
-        let ix = offset - MOVED_BASE;
+        let ix = (offset as u64 - MOVED_BASE) as usize;
         let bytes = self
             .data
             .lock()
@@ -215,7 +216,8 @@ static LOADS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 impl LoadMemory {
     fn begin() -> LoadMemory {
         let mut n = LOADS.lock().unwrap_or_else(|e| e.into_inner());
-        if *n == 0 {
+        // a threshold the user chose for glibc stays theirs
+        if *n == 0 && std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
             set_mmap_threshold(1 << 20);
         }
         *n += 1;
@@ -227,8 +229,9 @@ impl Drop for LoadMemory {
     fn drop(&mut self) {
         let mut n = LOADS.lock().unwrap_or_else(|e| e.into_inner());
         *n -= 1;
-        if *n == 0 {
-            set_mmap_threshold(32 << 20);
+        if *n == 0 && std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            // glibc's own ceiling: 32 MB on 64-bit targets, 16 MB on 32-bit ones
+            set_mmap_threshold((4 << 20) * std::mem::size_of::<usize>() as i32);
             release_freed_memory();
         }
     }

@@ -27,24 +27,103 @@ const ONNX_INT8: i32 = 3;
 /// Columns per packed block (two AVX vectors of f32).
 const NB: usize = 16;
 
-/// Is this initializer's data all zeros (an int8 zero point)?
+/// Is this initializer's data inline and all zeros (an int8 zero point)?
 fn all_zero(t: &pb::TensorProto) -> bool {
-    t.raw_data.iter().all(|&b| b == 0) && t.int32_data.iter().all(|&v| v == 0)
+    let inline = t.data_location != Some(1) && t.external_data.is_empty();
+    inline && t.raw_data.iter().all(|&b| b == 0) && t.int32_data.iter().all(|&v| v == 0)
+}
+
+/// Every tensor name the nodes of `graph` read, subgraphs (If / Loop / Scan bodies) included.
+fn names_read(graph: &pb::GraphProto, out: &mut std::collections::HashSet<String>) {
+    let mut counts = std::collections::HashMap::new();
+    count_reads(graph, &mut counts);
+    out.extend(counts.into_keys());
+}
+
+/// How many times the nodes of `graph` (and of its subgraphs) read each name.
+fn count_reads(graph: &pb::GraphProto, out: &mut std::collections::HashMap<String, usize>) {
+    for n in &graph.node {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            *out.entry(i.clone()).or_default() += 1;
+        }
+        for a in &n.attribute {
+            for g in a.g.iter().chain(a.graphs.iter()) {
+                count_reads(g, out);
+            }
+        }
+    }
+}
+
+/// The int8 weights of one DequantizeLinear, decoded from the protobuf and packed (inline data
+/// only).
+fn decode_weight(w: &pb::TensorProto, s: &pb::TensorProto) -> Option<PackedW8> {
+    let (k, n) = (usize::try_from(w.dims[0]).ok()?, usize::try_from(w.dims[1]).ok()?);
+    let widened: Vec<i8>;
+    let values: &[i8] = if !w.raw_data.is_empty() {
+        // SAFETY: u8 and i8 have the same size and alignment
+        unsafe { std::slice::from_raw_parts(w.raw_data.as_ptr() as *const i8, w.raw_data.len()) }
+    } else {
+        widened = w.int32_data.iter().map(|&v| v as i8).collect();
+        &widened
+    };
+    let scale: Vec<f32> = if !s.raw_data.is_empty() {
+        s.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    } else {
+        s.float_data.clone()
+    };
+    let inline = |t: &pb::TensorProto| t.data_location != Some(1) && t.external_data.is_empty();
+    let ok = inline(w) && inline(s) && k.checked_mul(n) == Some(values.len()) && (scale.len() == 1 || scale.len() == n) && scale.iter().all(|v| v.is_finite());
+    ok.then(|| PackedW8::new(values, k, n, &scale))
+}
+
+thread_local! {
+    /// Packed weights of the fused nodes of the graph this thread is parsing (see [`Fused`]).
+    static PACKED: std::cell::RefCell<std::collections::HashMap<String, Arc<PackedW8>>> = Default::default();
+}
+
+/// What [`fuse_weight_dequant`] did; the packed weights stay available to [`parse`] on this
+/// thread while the value lives.
+pub struct Fused {
+    /// Products fused.
+    pub products: usize,
+}
+
+impl Drop for Fused {
+    fn drop(&mut self) {
+        PACKED.with_borrow_mut(|t| t.clear());
+    }
 }
 
 /// Rewrite every `MatMul(x, DequantizeLinear(W, s))` whose W is a 2-D int8 initializer with a
 /// per-column (axis 1) or per-tensor float scale and no or zero zero point into one
-/// `CocaMatMulW8(x, W, s)` node; a DequantizeLinear left without consumers is removed.
-/// Returns the number of products fused. Only the top-level graph is rewritten.
-pub fn fuse_weight_dequant(proto: &mut ModelProto) -> usize {
+/// `CocaMatMulW8(x)` node. The weights are packed here, once per DequantizeLinear; their
+/// initializers and the DequantizeLinear nodes leave the protobuf when nothing else reads
+/// them, so tract never holds them as constants. Only the top-level graph is rewritten; the
+/// returned [`Fused`] must live until the protobuf is parsed, on this thread.
+pub fn fuse_weight_dequant(proto: &mut ModelProto) -> Fused {
     use std::collections::{HashMap, HashSet};
-    let Some(graph) = proto.graph.as_mut() else { return 0 };
+    // (a Fused is only made on return: dropping one clears the table)
+    let Some(graph) = proto.graph.as_mut() else { return Fused { products: 0 } };
+    let is_matmul = |n: &NodeProto| n.op_type == "MatMul" && n.input.len() == 2 && (n.domain.is_empty() || n.domain == "ai.onnx");
+    // how many times each name is read (nodes, subgraphs, graph inputs and outputs), and by
+    // how many MatMuls as their weight
+    let mut reads: HashMap<String, usize> = HashMap::new();
+    count_reads(graph, &mut reads);
     let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
-    let graph_outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-    // DequantizeLinear nodes of int8 weights we can take over: output name -> (W, scale)
-    let mut dq: HashMap<String, (String, String)> = HashMap::new();
+    for o in graph.output.iter().chain(graph.input.iter()) {
+        *reads.entry(o.name.clone()).or_default() += 1;
+    }
+    let mut as_weight: HashMap<String, usize> = HashMap::new();
+    for n in graph.node.iter().filter(|n| is_matmul(n)) {
+        *as_weight.entry(n.input[1].clone()).or_default() += 1;
+    }
+    // DequantizeLinear nodes of int8 weights we can take over: (output, W, scale, inputs)
+    let mut plans: Vec<(String, String, String, Vec<String>)> = Vec::new();
     for n in &graph.node {
-        if n.op_type != "DequantizeLinear" || !n.domain.is_empty() && n.domain != "ai.onnx" || n.output.len() != 1 {
+        if n.op_type != "DequantizeLinear" || !n.domain.is_empty() && n.domain != "ai.onnx" || n.output.len() != 1 || n.output[0].is_empty() {
+            continue;
+        }
+        if !as_weight.contains_key(n.output[0].as_str()) {
             continue;
         }
         let Some(w) = n.input.first().and_then(|i| inits.get(i.as_str())) else { continue };
@@ -69,47 +148,60 @@ pub fn fuse_weight_dequant(proto: &mut ModelProto) -> usize {
             Some(z) => inits.get(z.as_str()).is_some_and(|z| z.data_type == ONNX_INT8 && all_zero(z)),
         };
         if plain && (per_tensor || per_column) && zero_ok {
-            dq.insert(n.output[0].clone(), (n.input[0].clone(), n.input[1].clone()));
+            plans.push((n.output[0].clone(), n.input[0].clone(), n.input[1].clone(), n.input.iter().filter(|i| !i.is_empty()).cloned().collect()));
         }
     }
+    drop(inits);
+    // pack each weight; its protobuf bytes go at once when its DequantizeLinear alone reads it
+    // and goes too (every reader of the DequantizeLinear is a MatMul weight slot)
+    let position: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let mut dq: HashMap<String, Arc<PackedW8>> = HashMap::new();
+    let mut consumed: Vec<String> = Vec::new();
+    for (out, w, scale, inputs) in plans {
+        let (Some(&wi), Some(&si)) = (position.get(&w), position.get(&scale)) else { continue };
+        let packed = decode_weight(&graph.initializer[wi], &graph.initializer[si]);
+        let Some(packed) = packed else { continue };
+        if reads.get(&out) == as_weight.get(&out) && reads.get(&w) == Some(&1) {
+            graph.initializer[wi].raw_data = Vec::new();
+            graph.initializer[wi].int32_data = Vec::new();
+        }
+        dq.insert(out, Arc::new(packed));
+        consumed.extend(inputs);
+    }
     if dq.is_empty() {
-        return 0;
+        return Fused { products: 0 };
     }
     let mut fused = 0;
     for n in graph.node.iter_mut() {
-        if n.op_type == "MatMul" && n.input.len() == 2 && (n.domain.is_empty() || n.domain == "ai.onnx") {
-            if let Some((w, s)) = dq.get(&n.input[1]) {
-                n.op_type = FUSED_OP.to_string();
-                n.input = vec![n.input[0].clone(), w.clone(), s.clone()];
-                fused += 1;
-            }
+        if is_matmul(n) && dq.contains_key(&n.input[1]) {
+            let key = n.input[1].clone();
+            n.op_type = FUSED_OP.to_string();
+            n.input.truncate(1);
+            n.attribute = vec![pb::AttributeProto { name: "weights".into(), r#type: 3, s: key.into_bytes(), ..Default::default() }];
+            fused += 1;
         }
     }
-    // drop the DequantizeLinear nodes nothing reads any more
-    let mut read: HashSet<String> = graph.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
-    read.extend(graph_outputs);
-    graph.node.retain(|n| !(n.op_type == "DequantizeLinear" && dq.contains_key(&n.output[0]) && !read.contains(&n.output[0])));
-    fused
+    // drop the DequantizeLinear nodes, then the initializers, that nothing reads any more
+    let mut read = HashSet::new();
+    names_read(graph, &mut read);
+    read.extend(graph.output.iter().map(|o| o.name.clone()));
+    graph.node.retain(|n| !(n.op_type == "DequantizeLinear" && n.output.first().is_some_and(|o| dq.contains_key(o) && !read.contains(o))));
+    let mut read = HashSet::new();
+    names_read(graph, &mut read);
+    read.extend(graph.output.iter().chain(graph.input.iter()).map(|o| o.name.clone()));
+    let consumed: HashSet<String> = consumed.into_iter().filter(|c| !read.contains(c)).collect();
+    graph.initializer.retain(|t| !consumed.contains(&t.name));
+    PACKED.with_borrow_mut(|t| *t = dq);
+    Fused { products: fused }
 }
 
-/// A top-level initializer of the model being parsed, decoded.
-fn initializer(ctx: &ParsingContext, name: &str) -> TractResult<Tensor> {
-    let graph = ctx.model.graph.as_ref().context("no graph")?;
-    let t = graph.initializer.iter().find(|t| t.name == name).with_context(|| format!("{FUSED_OP}: no initializer '{name}'"))?;
-    tract_onnx::tensor::load_tensor(&*ctx.framework.provider, t, ctx.model_dir)
-}
-
-pub fn parse(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    ensure!(node.input.len() == 3, "{FUSED_OP} takes x, W and scale");
-    let w = initializer(ctx, &node.input[1])?;
-    let s = initializer(ctx, &node.input[2])?;
-    let s = s.cast_to::<f32>()?;
-    ensure!(w.rank() == 2 && w.datum_type() == i8::datum_type(), "{FUSED_OP}: weight must be 2-D int8");
-    let (k, n) = (w.shape()[0], w.shape()[1]);
-    let scale = s.try_as_plain_ram()?.as_slice::<f32>()?;
-    ensure!(scale.len() == 1 || scale.len() == n, "{FUSED_OP}: {} scales for {n} columns", scale.len());
-    let packed = PackedW8::new(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n, scale);
-    Ok((expand(MatMulW8 { w: Arc::new(packed) }), vec![]))
+pub fn parse(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let key = node.attribute.iter().find(|a| a.name == "weights").map(|a| String::from_utf8_lossy(&a.s).into_owned());
+    let w = key
+        .and_then(|k| PACKED.with_borrow(|t| t.get(&k).cloned()))
+        .with_context(|| format!("{FUSED_OP} node '{}' without its weights (made by coca-edge's loader only)", node.name))?;
+    ensure!(node.input.len() == 1, "{FUSED_OP} takes one input");
+    Ok((expand(MatMulW8 { w }), vec![]))
 }
 
 /// int8 weights `[k, n]` packed for [`PackedW8::matmul`]: column blocks of [`NB`], each block
@@ -372,7 +464,7 @@ impl Expansion for MatMulW8 {
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
+        check_input_arity(inputs, 1)?;
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
@@ -392,8 +484,7 @@ impl Expansion for MatMulW8 {
     }
 
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        // the weight and scale inputs are the initializers the op already holds
-        model.wire_node(prefix, self.clone(), &inputs[..1])
+        model.wire_node(prefix, self.clone(), inputs)
     }
 }
 
