@@ -188,6 +188,22 @@ def activation_ranges(model_path, names, feeds):
     return dict(zip(names, amax))
 
 
+def save_rewritten(model, replaced, used_weights, new_inits, dst):
+    """Put each replaced product's nodes in its place, drop the float weights nothing uses any
+    more, add the new initializers, check and save."""
+    graph_nodes = []
+    for n in model.graph.node:
+        graph_nodes.extend(replaced.get(id(n), [n]))
+    del model.graph.node[:]
+    model.graph.node.extend(graph_nodes)
+    still = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name not in used_weights or i.name in still]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    onnx.checker.check_model(model)
+    onnx.save(model, dst)
+
+
 def quantize_int8(src, dst, feeds):
     model = onnx.load(src)
     found = weight_matmuls(model)
@@ -229,18 +245,7 @@ def quantize_int8(src, dst, feeds):
             nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{n.name}/bias"))
         replaced[id(n)] = nodes
         used_weights.add(n.input[1])
-    graph_nodes = []
-    for n in model.graph.node:
-        graph_nodes.extend(replaced.get(id(n), [n]))
-    del model.graph.node[:]
-    model.graph.node.extend(graph_nodes)
-    # drop the float weights nothing uses any more
-    still = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name not in used_weights or i.name in still]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
-    onnx.checker.check_model(model)
-    onnx.save(model, dst)
+    save_rewritten(model, replaced, used_weights, new_inits, dst)
     return len(found)
 
 
@@ -275,17 +280,7 @@ def quantize_w8(src, dst):
             nodes.append(helper.make_node("Add", [f"{tag}_nobias", bias], [out], name=f"{n.name}/bias"))
         replaced[id(n)] = nodes
         used_weights.add(n.input[1])
-    graph_nodes = []
-    for n in model.graph.node:
-        graph_nodes.extend(replaced.get(id(n), [n]))
-    del model.graph.node[:]
-    model.graph.node.extend(graph_nodes)
-    still = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name not in used_weights or i.name in still]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
-    onnx.checker.check_model(model)
-    onnx.save(model, dst)
+    save_rewritten(model, replaced, used_weights, new_inits, dst)
     return len(found)
 
 
