@@ -201,7 +201,7 @@ typedef struct CocaCaptionOptions {
   uint32_t beams;
   uint32_t beam_groups;
   /*
-   longest sequence, start token included (open_clip's seq_len)
+   longest sequence, start token included (open_clip's seq_len); a caption stops at the decoder's last position if that comes first
    */
   uint32_t max_tokens;
   /*

@@ -110,7 +110,7 @@ pub struct CocaCaptionOptions {
     pub search: i32,
     pub beams: u32,
     pub beam_groups: u32,
-    /// longest sequence, start token included (open_clip's seq_len)
+    /// longest sequence, start token included (open_clip's seq_len); a caption stops at the decoder's last position if that comes first
     pub max_tokens: u32,
     /// EOT forbidden before this length (open_clip's min_seq_len)
     pub min_tokens: u32,

@@ -240,7 +240,7 @@ impl Pipeline {
     /// (beam search knows its caption only at the end).
     pub fn caption(&self, features: &ImageFeatures, opts: &CaptionOptions, mut on_token: impl FnMut(u32, &str)) -> Result<Caption> {
         let decoder = self.decoder()?;
-        opts.validate(decoder.dims().max_positions)?;
+        let opts = &opts.fitted(decoder.dims().max_positions)?;
         let m = self.bundle.manifest();
         let sp = Specials { sot: m.text.sot, eot: m.text.eot, pad: m.text.pad, legacy_pad_mask: m.text.pad_mask == "legacy" };
         let cross = decoder.cross_kv(&features.tokens)?;

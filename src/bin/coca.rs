@@ -136,7 +136,7 @@ struct CaptionOpts {
     /// Beam groups, searched one after the other (beam search)
     #[arg(long, default_value_t = 3)]
     beam_groups: usize,
-    /// Longest sequence, start token included (open_clip's seq_len)
+    /// Longest sequence, start token included (open_clip's seq_len); at most the decoder's positions
     #[arg(long, default_value_t = 30)]
     max_tokens: usize,
     /// EOT forbidden before this length (open_clip's min_seq_len)

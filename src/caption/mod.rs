@@ -72,17 +72,25 @@ impl Default for CaptionOptions {
 pub const MAX_BEAMS: usize = 64;
 
 impl CaptionOptions {
+    /// The options for a decoder of `max_positions` positions: `max_tokens` above it stops at
+    /// the decoder's last position (open_clip's `generate()` would index past its positional
+    /// embedding and fail; a model with a short context, like the shipped default with 16,
+    /// still captions with the default 30).
+    pub fn fitted(&self, max_positions: usize) -> Result<CaptionOptions> {
+        self.validate(max_positions)?;
+        Ok(CaptionOptions { max_tokens: self.max_tokens.min(max_positions), ..self.clone() })
+    }
+
     /// Check the options against the decoder (`max_positions`) and open_clip's rules.
     pub fn validate(&self, max_positions: usize) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.max_tokens < 2 {
             return bad(format!("max tokens {} is too small: the sequence holds the start token and at least one more", self.max_tokens));
         }
-        if self.max_tokens > max_positions {
-            return bad(format!("max tokens {} is over the decoder's {max_positions} positions", self.max_tokens));
-        }
-        if self.min_tokens >= self.max_tokens {
-            return bad(format!("min tokens {} must be less than max tokens {} (open_clip asserts seq_len > min_seq_len)", self.min_tokens, self.max_tokens));
+        let max_tokens = self.max_tokens.min(max_positions);
+        if self.min_tokens >= max_tokens {
+            let held = if max_tokens < self.max_tokens { format!(" (the decoder holds {max_positions} positions)") } else { String::new() };
+            return bad(format!("min tokens {} must be less than max tokens {max_tokens}{held} (open_clip asserts seq_len > min_seq_len)", self.min_tokens));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return bad(format!("repetition penalty {} must be > 0", self.repetition_penalty));
@@ -514,7 +522,13 @@ mod tests {
         let v = |o: CaptionOptions| o.validate(76);
         assert!(v(CaptionOptions::default()).is_ok());
         assert!(v(CaptionOptions { max_tokens: 0, ..Default::default() }).is_err());
-        assert!(v(CaptionOptions { max_tokens: 77, ..Default::default() }).is_err());
+        // longer than the decoder (76 positions here): stops at its last position
+        assert!(v(CaptionOptions { max_tokens: 77, ..Default::default() }).is_ok());
+        assert_eq!(CaptionOptions { max_tokens: 77, ..Default::default() }.fitted(32).unwrap().max_tokens, 32);
+        assert_eq!(CaptionOptions::default().fitted(77).unwrap().max_tokens, 30);
+        // min tokens must fit under the decoder's positions too
+        let e = v(CaptionOptions { max_tokens: 77, min_tokens: 76, ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("76 positions"), "{e}");
         assert!(v(CaptionOptions { search: Search::Beam { beams: 0, groups: 1 }, ..Default::default() }).is_err());
         assert!(v(CaptionOptions { search: Search::Beam { beams: 10000, groups: 1 }, ..Default::default() }).is_err());
         assert!(v(CaptionOptions { search: Search::Beam { beams: 6, groups: 4 }, ..Default::default() }).is_err());
