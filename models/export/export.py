@@ -16,13 +16,15 @@ Examples (see README.md in this folder):
   export.py --config my_coca.json --checkpoint weights.pt --out my_bundle
 """
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import sys
 import time
 import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bundle_files import logger, sha256_of  # noqa: E402
 
 import numpy as np
 import torch
@@ -36,16 +38,7 @@ FORMAT_VERSION = 1
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 
 
-def log(msg):
-    print(f"[export] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+log = logger("export")
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,11 +35,13 @@ each preprocessed as the bundle's manifest says, plus a mirrored, shifted copy.
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bundle_files import logger, sha256_of  # noqa: E402
 
 import numpy as np
 import onnx
@@ -50,16 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 METHOD = "sym-mmi"
 
 
-def log(msg):
-    print(f"[quantize] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+log = logger("quantize")
 
 
 # ---------------------------------------------------------------- calibration data
