@@ -134,9 +134,9 @@ fn default_model_classifies_and_captions_held_out_scenes() {
         ("zero-shot color", 0.95),
         ("zero-shot position", 0.85),
         ("caption exact", 0.80),
-        ("zero-shot shape", 0.70),
-        ("zero-shot count", 0.90),
-        ("zero-shot size", 0.75),
+        ("zero-shot shape", 0.88),
+        ("zero-shot count", 0.95),
+        ("zero-shot size", 0.85),
     ];
     let failed: Vec<String> = checks
         .iter()
@@ -225,5 +225,5 @@ fn stream_on_the_sample_clip_says_what_is_on_screen() {
     assert!(color_ok as f64 >= 0.95 * shown as f64, "color labels: {color_ok}/{shown}");
     assert!(cap_color_pos as f64 >= 0.8 * caps as f64, "captions' count, size, color and position: {cap_color_pos}/{caps}");
     // shapes are the model's weak point (see its card): a floor, not the held-out threshold
-    assert!(cap_ok as f64 >= 0.5 * caps as f64, "exact captions: {cap_ok}/{caps}");
+    assert!(cap_ok as f64 >= 0.75 * caps as f64, "exact captions: {cap_ok}/{caps}");
 }

@@ -56,8 +56,8 @@ fn probe_vs_zero_shot(task: &str, shots: usize) -> (f32, f32) {
 fn a_ten_shot_probe_beats_zero_shot_by_15_points_on_new_objects() {
     let (probe, zs) = probe_vs_zero_shot("novel", 10);
     eprintln!("new objects, 10 shots: linear probe {:.1}%, zero-shot {:.1}%", probe * 100.0, zs * 100.0);
-    // docs/heads.md: 91.3% vs 24.0% (150 images); small slack for other CPUs' float order
-    assert!(probe >= 0.89, "10-shot probe {probe}");
+    // docs/heads.md: 94.0% vs 44.0% (150 images); small slack for other CPUs' float order
+    assert!(probe >= 0.91, "10-shot probe {probe}");
     assert!(probe - zs >= 0.15, "probe {probe} vs zero-shot {zs}");
 }
 
@@ -217,7 +217,7 @@ fn attentional_pooler_head_matches_pytorch() {
     }
     let acc = ok as f32 / test.items.len() as f32;
     eprintln!("attentional-pooler head, 10 shots, new objects: {:.1}%", acc * 100.0);
-    assert!(acc >= 0.87, "{acc}");
+    assert!(acc >= 0.92, "{acc}");
     // a damaged graph is refused by its hash
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(dir.join("ap_head.json"), tmp.path().join("ap_head.json")).unwrap();

@@ -14,6 +14,7 @@ log.csv (loss curves) and summary.json. Deterministic for a given --seed, --thre
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -24,6 +25,7 @@ from multiprocessing import Pool
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -50,11 +52,11 @@ def model_config(vocab_size, args):
             "attn_pooler_queries": 64,
         },
         "text_cfg": {
-            "context_length": 32, "vocab_size": vocab_size, "width": 128, "heads": 4, "layers": 2,
+            "context_length": args.context_length, "vocab_size": vocab_size, "width": 128, "heads": 4, "layers": 2,
             "embed_cls": True, "output_tokens": True,
         },
         "multimodal_cfg": {
-            "context_length": 32, "vocab_size": vocab_size, "width": 128, "heads": 4, "layers": 3,
+            "context_length": args.context_length, "vocab_size": vocab_size, "width": 128, "heads": 4, "layers": 3,
             "attn_pooler_heads": 4,
         },
         "custom_text": True,
@@ -173,6 +175,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--train-images", type=int, default=40000)
     ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--context-length", type=int, default=16,
+                    help="text positions; the longest scene text is 12 BPE tokens plus start and end, so 16 "
+                         "fits all and costs half the text side of CLIP's 32")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                    help="bf16: autocast the towers to bfloat16 (open_clip's amp_bf16) with the losses in "
+                         "fp32; 1.6x faster steps on a CPU with AVX512-BF16, the exported model is fp32 either way")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -244,6 +252,16 @@ def main():
             pick = rng.choice(len(members), size=min(g, len(members), args.batch - len(out)), replace=False)
             out.extend(members[j] for j in pick)
         return np.array(out)
+    def autocast():
+        if args.precision == "fp32":
+            return contextlib.nullcontext()
+        # PyTorch's CPU flash-attention kernel is slower than the plain product for these short
+        # sequences (16-65 tokens); with bf16 the plain one is what makes the step faster
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
+
     evals = []
     t_train = time.time()
     for step in range(args.steps):
@@ -258,9 +276,10 @@ def main():
         text = vocab.tokenize([scenes.texts_for(attrs[i], text_rng) for i in idx], ctx)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        out = model(x, text)
-        con, cap = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
-                           out["logit_scale"])
+        with autocast():
+            out = model(x, text)
+        con, cap = loss_fn(out["image_features"].float(), out["text_features"].float(), out["logits"].float(),
+                           out["labels"], out["logit_scale"])
         loss = con + cap
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,7 +311,7 @@ def main():
     summary = {
         "command": "models/train/train.py " + " ".join(sys.argv[1:]),
         "parameters": n_params, "vocabulary": len(vocab), "train_seconds": round(train_s, 1),
-        "total_seconds": round(time.time() - t0, 1), "torch_threads": args.threads,
+        "total_seconds": round(time.time() - t0, 1), "torch_threads": args.threads, "precision": args.precision,
         "torch_version": torch.__version__, "open_clip_version": open_clip.__version__,
         "evals": evals,
     }

@@ -53,8 +53,14 @@ class APHead(torch.nn.Module):
 
 
 def bundle_id(manifest):
+    """The runtime's bundle id (src/bundle.rs): every file but the int8/f16 variants of graphs
+    that also ship in f32, so adding variants to a bundle keeps its heads valid."""
+    graphs = manifest["graphs"].values()
+    f32_files = {g["precisions"]["f32"] for g in graphs if "f32" in g["precisions"]}
+    variants = {f for g in graphs if "f32" in g["precisions"]
+                for p, f in g["precisions"].items() if p != "f32" and f not in f32_files}
     h = hashlib.sha256()
-    for name in sorted(manifest["files"]):
+    for name in sorted(n for n in manifest["files"] if n not in variants):
         h.update(name.encode() + b"\0" + manifest["files"][name]["sha256"].lower().encode() + b"\0")
     return h.hexdigest()[:32]
 
