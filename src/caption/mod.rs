@@ -74,8 +74,8 @@ pub const MAX_BEAMS: usize = 64;
 impl CaptionOptions {
     /// The options for a decoder of `max_positions` positions: `max_tokens` above it stops at
     /// the decoder's last position (open_clip's `generate()` would index past its positional
-    /// embedding and fail; a model with a short context, like the shipped default with 16,
-    /// still captions with the default 30).
+    /// embedding and fail; a model with a short context, like the shipped default whose
+    /// decoder holds 17 positions, still captions with the default 30).
     pub fn fitted(&self, max_positions: usize) -> Result<CaptionOptions> {
         self.validate(max_positions)?;
         Ok(CaptionOptions { max_tokens: self.max_tokens.min(max_positions), ..self.clone() })
