@@ -73,12 +73,19 @@ def main():
                               "--runs", str(args.runs), "--warmup", str(args.warmup)],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout)
+        # and coca-edge computes the same embedding (end to end: its own decode and preprocessing)
+        emb = subprocess.run([coca, "--model", bundle, "--threads", str(t), "embed", args.image, "--json"],
+                             capture_output=True, text=True, check=True)
+        e_coca = np.array(json.loads(emb.stdout.splitlines()[0])["embedding"], dtype=np.float32)
+        diff = float(np.abs(e_coca - e_torch).max())
+        assert diff < 1e-4, f"coca-edge and PyTorch disagree at {t} thread(s): max |diff| {diff:.2e}"
         rows.append({"threads": t, "onnxruntime": ms_ort, "pytorch": ms_torch, "coca": r["encoder_ms_median"],
                      "coca_preprocess": r["preprocess_ms_median"], "coca_decode": r["decode_ms_median"],
-                     "coca_load_s": r["load_s"]})
+                     "coca_load_s": r["load_s"], "coca_vs_torch": diff})
         print(f"threads {t}: onnxruntime {ms_ort:.1f} ms, PyTorch {ms_torch:.1f} ms, coca-edge {r['encoder_ms_median']:.1f} ms "
               f"(x{r['encoder_ms_median'] / ms_ort:.2f} of onnxruntime); coca preprocess {r['preprocess_ms_median']:.2f} ms, "
-              f"decode {r['decode_ms_median']:.2f} ms, load {r['load_s']:.2f} s", file=sys.stderr, flush=True)
+              f"decode {r['decode_ms_median']:.2f} ms, load {r['load_s']:.2f} s; "
+              f"embedding max |coca - PyTorch| {diff:.1e}", file=sys.stderr, flush=True)
 
     if args.md:
         date = datetime.date.today().isoformat()

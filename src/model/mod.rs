@@ -17,6 +17,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::bundle::{Bundle, Dim, GraphSpec, TensorSpec};
 
+pub mod f32mm;
 pub mod ops;
 pub mod w8;
 
@@ -34,13 +35,20 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx
 }
 
-/// Parse an ONNX file with [`onnx`], int8-weight products fused first ([`w8`]).
+/// Parse an ONNX file with [`onnx`], int8-weight products fused first ([`w8`]); see
+/// [`load_onnx_with`] for the f32 ones.
 ///
 /// The protobuf decoder copies every weight out of the file, and tract builds its tensors from
 /// those copies while the protobuf is alive: twice the weights in memory at once. So the large
 /// float weights are moved out of the protobuf first and handed to tract one at a time through
 /// its external-data hook ([`MovedWeights`]): each copy is freed as its tensor is made.
 pub fn load_onnx(path: &Path) -> TractResult<InferenceModel> {
+    load_onnx_with(path, false)
+}
+
+/// [`load_onnx`], and with `f32_products` the products by constant f32 weights run by our
+/// kernel ([`f32mm`]) where the CPU has it.
+pub fn load_onnx_with(path: &Path, f32_products: bool) -> TractResult<InferenceModel> {
     let mut onnx = onnx();
     let mut proto = read_proto(path)?;
     // (lives until the protobuf is parsed: it holds the fused products' packed weights)
@@ -48,6 +56,13 @@ pub fn load_onnx(path: &Path) -> TractResult<InferenceModel> {
         let fused = w8::fuse_weight_dequant(&mut proto);
         if fused.products > 0 {
             log::debug!("{}: {} products with int8 weights", path.display(), fused.products);
+        }
+        fused
+    });
+    let _fused_f32 = (our_ops() && f32_products && f32mm::supported()).then(|| {
+        let fused = f32mm::fuse_f32_weights(&mut proto);
+        if fused.products > 0 {
+            log::debug!("{}: {} products with f32 weights ({} with their bias)", path.display(), fused.products, fused.with_bias);
         }
         fused
     });
@@ -356,7 +371,9 @@ impl Graph {
         let mismatch = |message: String| Error::GraphMismatch { path: path.clone(), message };
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
 
-        let mut model = load_onnx(&path).map_err(|e| {
+        // our f32 products for the image encoder: its many-row products are where tract's
+        // kernels fall behind (f32mm); the decoder's one-row steps stay with tract
+        let mut model = load_onnx_with(&path, name == "image_encoder").map_err(|e| {
             Error::Engine { what: path.display().to_string(), message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))) }
         })?;
 

@@ -38,6 +38,7 @@ pub fn register(onnx: &mut tract_onnx::Onnx) {
         onnx.op_register.insert("LayerNormalization", layer_normalization);
     }
     onnx.op_register.insert(super::w8::FUSED_OP, super::w8::parse);
+    onnx.op_register.insert(super::f32mm::FUSED_OP, super::f32mm::parse);
 }
 
 /// A top-level initializer of the model being parsed, decoded.

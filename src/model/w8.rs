@@ -34,14 +34,14 @@ fn all_zero(t: &pb::TensorProto) -> bool {
 }
 
 /// Every tensor name the nodes of `graph` read, subgraphs (If / Loop / Scan bodies) included.
-fn names_read(graph: &pb::GraphProto, out: &mut std::collections::HashSet<String>) {
+pub(crate) fn names_read(graph: &pb::GraphProto, out: &mut std::collections::HashSet<String>) {
     let mut counts = std::collections::HashMap::new();
     count_reads(graph, &mut counts);
     out.extend(counts.into_keys());
 }
 
 /// How many times the nodes of `graph` (and of its subgraphs) read each name.
-fn count_reads(graph: &pb::GraphProto, out: &mut std::collections::HashMap<String, usize>) {
+pub(crate) fn count_reads(graph: &pb::GraphProto, out: &mut std::collections::HashMap<String, usize>) {
     for n in &graph.node {
         for i in n.input.iter().filter(|i| !i.is_empty()) {
             *out.entry(i.clone()).or_default() += 1;

@@ -1,0 +1,754 @@
+//! Products with constant f32 weights, for the image encoder on x86 CPUs with AVX-512.
+//!
+//! The image encoder is nine tenths matrix products of a few dozen token rows (50 for a
+//! ViT-B/32, 257 for an L/14, 256 pooler queries) by constant weights. tract runs them with
+//! kernels whose tiles leave part of such row counts idle, and splits them over threads less
+//! evenly than onnxruntime does (BENCHMARKS.md, "Image path"). So before parsing,
+//! [`fuse_f32_weights`] rewrites each `MatMul(x, W)` and `Gemm(x, W, b)` whose weight is a 2-D
+//! f32 initializer (and, when it is the only reader, the `Add` of a constant bias after it) into
+//! one `CocaMatMulF32` node, which [`MatMulF32`] runs:
+//! - weights packed once at load in column blocks of 32 (two AVX-512 registers);
+//! - rows cut into even tiles of at most 12 (so 50 rows run as 5 x 10, no padded rows), each
+//!   tile's 24 accumulators held in registers over the whole k;
+//! - the bias added as the tile is stored;
+//! - column blocks split evenly over the threads of tract's executor.
+//!
+//! Only where the CPU has AVX-512F (checked when the graph loads): elsewhere tract's own
+//! kernels (NEON on the boards, AVX2 on older x86) run these products as before.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::{self, ModelProto, NodeProto};
+use tract_onnx::tract_hir::internal::*;
+
+/// The op name our rewrite gives fused nodes (never in a graph on disk).
+pub const FUSED_OP: &str = "CocaMatMulF32";
+
+const ONNX_FLOAT: i32 = 1;
+
+/// Columns per packed block.
+const NB: usize = 32;
+
+/// Most rows a kernel holds in registers (2 x 12 accumulators, 2 weight registers).
+const MAX_ROWS: usize = 12;
+
+/// Multiply-accumulates from which a product is split over the executor's threads.
+const PARALLEL_MACS: usize = 1 << 21;
+
+/// Does this CPU run [`MatMulF32`]'s kernel?
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// f32 values of an inline initializer (raw little-endian bytes or float_data).
+fn floats(t: &pb::TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != ONNX_FLOAT || t.data_location == Some(1) || !t.external_data.is_empty() {
+        return None;
+    }
+    if !t.raw_data.is_empty() {
+        if !t.raw_data.len().is_multiple_of(4) {
+            return None;
+        }
+        Some(t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    } else {
+        Some(t.float_data.clone())
+    }
+}
+
+fn attr_f(n: &NodeProto, name: &str, default: f32) -> f32 {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.f).unwrap_or(default)
+}
+
+fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.i).unwrap_or(default)
+}
+
+thread_local! {
+    /// Packed weights of the fused nodes of the graph this thread is parsing (see [`Fused`]).
+    static PACKED: std::cell::RefCell<HashMap<String, Arc<PackedF32>>> = Default::default();
+}
+
+/// What [`fuse_f32_weights`] did; the packed weights stay available to [`parse`] on this
+/// thread while the value lives.
+pub struct Fused {
+    /// Products fused.
+    pub products: usize,
+    /// Of which with their bias.
+    pub with_bias: usize,
+}
+
+impl Drop for Fused {
+    fn drop(&mut self) {
+        PACKED.with_borrow_mut(|t| t.clear());
+    }
+}
+
+/// Rewrite the top-level graph's products by constant 2-D f32 weights (see the module doc).
+/// A weight is packed once however many products read it; its initializer leaves the protobuf
+/// when nothing else reads it. The returned [`Fused`] must live until the protobuf is parsed,
+/// on this thread.
+pub fn fuse_f32_weights(proto: &mut ModelProto) -> Fused {
+    // (a Fused is only made on return: dropping one clears the table)
+    let none = || Fused { products: 0, with_bias: 0 };
+    let Some(graph) = proto.graph.as_mut() else { return none() };
+    let std_domain = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+    let mut reads: HashMap<String, usize> = HashMap::new();
+    super::w8::count_reads(graph, &mut reads);
+    for o in graph.output.iter().chain(graph.input.iter()) {
+        *reads.entry(o.name.clone()).or_default() += 1;
+    }
+    let mut position: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    // names that are an initializer through Identity nodes (the exporter writes one where two
+    // parameters hold the same values, e.g. the zero biases of a randomly initialised model)
+    let identities: Vec<(String, String)> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Identity" && std_domain(n) && n.input.len() == 1 && n.output.len() == 1)
+        .map(|n| (n.output[0].clone(), n.input[0].clone()))
+        .collect();
+    for _ in 0..4 {
+        for (out, src) in &identities {
+            if let Some(&i) = position.get(src) {
+                position.entry(out.clone()).or_insert(i);
+            }
+        }
+    }
+    let position = position;
+    let dims = |name: &str| position.get(name).map(|&i| graph.initializer[i].dims.clone());
+    // a bias: a constant f32 vector of n values ([n] or [1, n])
+    let bias_of = |name: &str, n: i64| -> Option<Vec<f32>> {
+        let t = &graph.initializer[*position.get(name)?];
+        let ok = match t.dims.as_slice() {
+            [m] => *m == n,
+            [1, m] => *m == n,
+            _ => false,
+        };
+        if !ok {
+            return None;
+        }
+        floats(t).filter(|v| v.len() == n as usize && v.iter().all(|x| x.is_finite()))
+    };
+    // the node reading each name, when exactly one does
+    let mut reader: HashMap<String, usize> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for inp in n.input.iter().filter(|s| !s.is_empty()) {
+            reader.insert(inp.clone(), i);
+        }
+    }
+
+    struct Plan {
+        node: usize,
+        weight: String,
+        transposed: bool,
+        bias: Option<Vec<f32>>,
+        /// the Add node folded in (its output becomes the product's)
+        add: Option<usize>,
+    }
+    let mut plans: Vec<Plan> = Vec::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        if !std_domain(n) || n.output.len() != 1 || n.output[0].is_empty() {
+            continue;
+        }
+        let plan = match n.op_type.as_str() {
+            "MatMul" if n.input.len() == 2 => {
+                let Some(d) = dims(&n.input[1]) else { continue };
+                if d.len() != 2 {
+                    continue;
+                }
+                Plan { node: i, weight: n.input[1].clone(), transposed: false, bias: None, add: None }
+            }
+            "Gemm" if n.input.len() >= 2 => {
+                // y = x W (+ b): alpha 1, beta 1, x not transposed
+                if attr_i(n, "transA", 0) != 0 || attr_f(n, "alpha", 1.0) != 1.0 {
+                    continue;
+                }
+                let Some(d) = dims(&n.input[1]) else { continue };
+                if d.len() != 2 {
+                    continue;
+                }
+                let transposed = attr_i(n, "transB", 0) != 0;
+                let cols = if transposed { d[0] } else { d[1] };
+                let bias = match n.input.get(2).filter(|s| !s.is_empty()) {
+                    None => None,
+                    Some(b) => {
+                        if attr_f(n, "beta", 1.0) != 1.0 {
+                            continue;
+                        }
+                        match bias_of(b, cols) {
+                            Some(v) => Some(v),
+                            None => continue,
+                        }
+                    }
+                };
+                Plan { node: i, weight: n.input[1].clone(), transposed, bias, add: None }
+            }
+            _ => continue,
+        };
+        let mut plan = plan;
+        // MatMul -> Add(bias): fold the Add when it alone reads the product
+        if plan.bias.is_none() && n.op_type == "MatMul" && reads.get(&n.output[0]) == Some(&1) {
+            if let Some(&j) = reader.get(&n.output[0]) {
+                let a = &graph.node[j];
+                let cols = dims(&plan.weight).map(|d| d[1]).unwrap_or(-1);
+                if a.op_type == "Add" && std_domain(a) && a.input.len() == 2 && a.output.len() == 1 {
+                    let other = if a.input[0] == n.output[0] { &a.input[1] } else { &a.input[0] };
+                    // (a [1, n] bias would add a leading axis to a 1-D product)
+                    let vector = dims(other).is_some_and(|d| d.len() == 1);
+                    if let Some(b) = bias_of(other, cols).filter(|_| vector) {
+                        plan.bias = Some(b);
+                        plan.add = Some(j);
+                    }
+                }
+            }
+        }
+        plans.push(plan);
+    }
+    if plans.is_empty() {
+        return none();
+    }
+    // pack each weight once; its protobuf bytes go as soon as every reader is packed for
+    let mut packed: HashMap<String, Arc<PackedF32>> = HashMap::new();
+    let mut keys: Vec<Option<String>> = Vec::with_capacity(plans.len());
+    let mut done: HashMap<String, usize> = HashMap::new();
+    for p in &plans {
+        let key = format!("{}#{}", p.weight, if p.transposed { "t" } else { "n" });
+        let wi = position[&p.weight];
+        if !packed.contains_key(&key) {
+            let t = &graph.initializer[wi];
+            let (r, c) = (t.dims[0], t.dims[1]);
+            let Some(values) = floats(t).filter(|v| r > 0 && c > 0 && v.len() as i64 == r * c) else {
+                keys.push(None);
+                continue;
+            };
+            let (r, c) = (r as usize, c as usize);
+            let w = if p.transposed { PackedF32::new_transposed(&values, c, r) } else { PackedF32::new(&values, r, c) };
+            packed.insert(key.clone(), Arc::new(w));
+        }
+        // (a weight read through an Identity is never cleared here: the Identity reads it too)
+        let d = done.entry(p.weight.clone()).or_default();
+        *d += 1;
+        if graph.initializer[wi].name == p.weight && reads.get(&p.weight) == Some(d) {
+            graph.initializer[wi].raw_data = Vec::new();
+            graph.initializer[wi].float_data = Vec::new();
+        }
+        keys.push(Some(key));
+    }
+    // rewrite the nodes
+    let mut fused = 0;
+    let mut with_bias = 0;
+    let mut drop_nodes: HashSet<usize> = HashSet::new();
+    let mut bias_keys: HashMap<String, Arc<PackedF32>> = HashMap::new();
+    for (p, key) in plans.into_iter().zip(keys) {
+        let Some(key) = key else { continue };
+        let mut w = packed[&key].clone();
+        let mut node_key = key;
+        if let Some(b) = &p.bias {
+            // the same packed weights (shared) with this node's bias
+            w = Arc::new(w.clone_shared().with_bias(b));
+            node_key = format!("{node_key}+bias@{}", graph.node[p.node].output[0]);
+            with_bias += 1;
+        }
+        bias_keys.insert(node_key.clone(), w);
+        let out = match p.add {
+            Some(j) => {
+                drop_nodes.insert(j);
+                graph.node[j].output[0].clone()
+            }
+            None => graph.node[p.node].output[0].clone(),
+        };
+        let n = &mut graph.node[p.node];
+        n.op_type = FUSED_OP.to_string();
+        n.domain = String::new();
+        n.input.truncate(1);
+        n.output = vec![out];
+        n.attribute = vec![pb::AttributeProto { name: "weights".into(), r#type: 3, s: node_key.into_bytes(), ..Default::default() }];
+        fused += 1;
+    }
+    let mut ix = 0;
+    graph.node.retain(|_| {
+        let keep = !drop_nodes.contains(&ix);
+        ix += 1;
+        keep
+    });
+    // Identity nodes, then initializers, that nothing reads any more (weights, folded biases)
+    loop {
+        let mut read = HashSet::new();
+        super::w8::names_read(graph, &mut read);
+        read.extend(graph.output.iter().map(|o| o.name.clone()));
+        let before = graph.node.len();
+        graph.node.retain(|n| !(n.op_type == "Identity" && n.output.len() == 1 && !read.contains(&n.output[0])));
+        if graph.node.len() == before {
+            break;
+        }
+    }
+    let mut read = HashSet::new();
+    super::w8::names_read(graph, &mut read);
+    read.extend(graph.output.iter().chain(graph.input.iter()).map(|o| o.name.clone()));
+    graph.initializer.retain(|t| read.contains(&t.name));
+    PACKED.with_borrow_mut(|t| *t = bias_keys);
+    Fused { products: fused, with_bias }
+}
+
+pub fn parse(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let key = node.attribute.iter().find(|a| a.name == "weights").map(|a| String::from_utf8_lossy(&a.s).into_owned());
+    let w = key
+        .and_then(|k| PACKED.with_borrow(|t| t.get(&k).cloned()))
+        .with_context(|| format!("{FUSED_OP} node '{}' without its weights (made by coca-edge's loader only)", node.name))?;
+    ensure!(node.input.len() == 1, "{FUSED_OP} takes one input");
+    Ok((expand(MatMulF32 { w }), vec![]))
+}
+
+/// f32 weights `[k, n]` packed for [`PackedF32::matmul`]: column blocks of [`NB`], each block
+/// `k` rows of `NB` values (zero past `n`), and an optional bias (zero past `n`).
+#[derive(Debug)]
+pub struct PackedF32 {
+    k: usize,
+    n: usize,
+    data: Arc<Vec<f32>>,
+    bias: Option<Arc<Vec<f32>>>,
+}
+
+impl PackedF32 {
+    /// Pack row-major `w` (`k` x `n`).
+    pub fn new(w: &[f32], k: usize, n: usize) -> PackedF32 {
+        assert_eq!(w.len(), k * n);
+        let blocks = n.div_ceil(NB);
+        let mut data = vec![0f32; blocks * k * NB];
+        for (kk, row) in w.chunks_exact(n.max(1)).enumerate().take(k) {
+            for (jb, cols) in row.chunks(NB).enumerate() {
+                let at = (jb * k + kk) * NB;
+                data[at..at + cols.len()].copy_from_slice(cols);
+            }
+        }
+        PackedF32 { k, n, data: Arc::new(data), bias: None }
+    }
+
+    /// Pack `wt`, row-major `n` x `k` (the transposed weight of a `Gemm` with transB).
+    pub fn new_transposed(wt: &[f32], k: usize, n: usize) -> PackedF32 {
+        assert_eq!(wt.len(), k * n);
+        let blocks = n.div_ceil(NB);
+        let mut data = vec![0f32; blocks * k * NB];
+        for (j, col) in wt.chunks_exact(k.max(1)).enumerate().take(n) {
+            let (jb, jj) = (j / NB, j % NB);
+            for (kk, &v) in col.iter().enumerate() {
+                data[(jb * k + kk) * NB + jj] = v;
+            }
+        }
+        PackedF32 { k, n, data: Arc::new(data), bias: None }
+    }
+
+    /// The same packed weights (shared), without a bias.
+    fn clone_shared(&self) -> PackedF32 {
+        PackedF32 { k: self.k, n: self.n, data: self.data.clone(), bias: None }
+    }
+
+    /// With this bias (`n` values) added to every row.
+    pub fn with_bias(mut self, bias: &[f32]) -> PackedF32 {
+        assert_eq!(bias.len(), self.n);
+        let mut b = bias.to_vec();
+        b.resize(self.blocks() * NB, 0.0);
+        self.bias = Some(Arc::new(b));
+        self
+    }
+
+    fn blocks(&self) -> usize {
+        self.n.div_ceil(NB)
+    }
+
+    /// `out` (`m` x n) = `a` (`m` x k) times the weights (plus the bias); column blocks are
+    /// split over `pool`'s threads when there is enough work. Needs [`supported`].
+    pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+        assert!(supported(), "CocaMatMulF32 needs AVX-512F");
+        assert_eq!(a.len(), m * self.k);
+        assert_eq!(out.len(), m * self.n);
+        if m == 0 || self.n == 0 {
+            return;
+        }
+        let blocks = self.blocks();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let threads = pool.map(|p| p.current_num_threads()).unwrap_or(1).min(blocks);
+        if threads > 1 && m * self.k * self.n >= PARALLEL_MACS {
+            let pool = pool.expect("threads > 1");
+            pool.scope(|s| {
+                for t in 0..threads {
+                    // even shares of the blocks: the first (blocks % threads) take one more
+                    let (base, extra) = (blocks / threads, blocks % threads);
+                    let start = t * base + t.min(extra);
+                    let range = start..start + base + usize::from(t < extra);
+                    // SAFETY: each task writes the columns of its own blocks only
+                    s.spawn(move |_| unsafe { self.blocks_into(a, m, range, out_ptr.get()) });
+                }
+            });
+        } else {
+            // SAFETY: out has m x n values
+            unsafe { self.blocks_into(a, m, 0..blocks, out_ptr.get()) }
+        }
+    }
+
+    /// Column blocks `range` of every row. SAFETY: AVX-512F; `out` points to m x n writable
+    /// values and no other thread writes these blocks' columns.
+    unsafe fn blocks_into(&self, a: &[f32], m: usize, range: std::ops::Range<usize>, out: *mut f32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (k, n) = (self.k, self.n);
+            // even row tiles of at most MAX_ROWS
+            let tiles = m.div_ceil(MAX_ROWS);
+            let per = m.div_ceil(tiles);
+            for jb in range {
+                let w = self.data.as_ptr().add(jb * k * NB);
+                let cols = NB.min(n - jb * NB);
+                let bias = self.bias.as_ref().map(|b| b.as_ptr().add(jb * NB));
+                let mut r0 = 0;
+                while r0 < m {
+                    let rows = per.min(m - r0);
+                    let (ap, op) = (a.as_ptr().add(r0 * k), out.add(r0 * n + jb * NB));
+                    x86::dispatch(rows, ap, k, w, op, n, cols, bias);
+                    r0 += rows;
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (a, m, range, out);
+            unreachable!("CocaMatMulF32 is only fused on x86_64 with AVX-512F")
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// (a method, so closures capture the Send wrapper rather than its raw pointer field)
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: used only to hand disjoint output columns to the pool's tasks
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::NB;
+    use std::arch::x86_64::*;
+
+    /// SAFETY: AVX-512F; see [`kernel`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dispatch(rows: usize, a: *const f32, k: usize, w: *const f32, out: *mut f32, ldo: usize, cols: usize, bias: Option<*const f32>) {
+        let f = match rows {
+            1 => kernel::<1>,
+            2 => kernel::<2>,
+            3 => kernel::<3>,
+            4 => kernel::<4>,
+            5 => kernel::<5>,
+            6 => kernel::<6>,
+            7 => kernel::<7>,
+            8 => kernel::<8>,
+            9 => kernel::<9>,
+            10 => kernel::<10>,
+            11 => kernel::<11>,
+            _ => kernel::<12>,
+        };
+        f(a, k, w, out, ldo, cols, bias.unwrap_or(std::ptr::null()))
+    }
+
+    /// `out[r, 0..cols] = bias + sum over k of a[r, kk] * w[kk, 0..cols]` for R rows of `a`
+    /// (row stride k) and one packed block `w` (k x 32); `out` has row stride `ldo`.
+    /// SAFETY: AVX-512F; `a` has R x k values, `w` k x 32, `out` R rows of `cols` <= 32
+    /// writable values, `bias` null or 32 values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel<const R: usize>(a: *const f32, k: usize, w: *const f32, out: *mut f32, ldo: usize, cols: usize, bias: *const f32) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for kk in 0..k {
+            let w0 = _mm512_loadu_ps(w.add(kk * NB));
+            let w1 = _mm512_loadu_ps(w.add(kk * NB + 16));
+            for r in 0..R {
+                let av = _mm512_set1_ps(*a.add(r * k + kk));
+                lo[r] = _mm512_fmadd_ps(av, w0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(av, w1, hi[r]);
+            }
+        }
+        let (b0, b1) = if bias.is_null() {
+            (_mm512_setzero_ps(), _mm512_setzero_ps())
+        } else {
+            (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)))
+        };
+        let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
+        let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols <= 16 { 0 } else { ((1u32 << (cols - 16)) - 1) as u16 };
+        for r in 0..R {
+            let o = out.add(r * ldo);
+            _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(lo[r], b0));
+            _mm512_mask_storeu_ps(o.add(16), m1, _mm512_add_ps(hi[r], b1));
+        }
+    }
+}
+
+/// `x [.., k] -> [.., n]` with f32 weights (and bias) held by the op (parse-time expansion).
+#[derive(Debug, Clone)]
+pub struct MatMulF32 {
+    w: Arc<PackedF32>,
+}
+
+impl PartialEq for MatMulF32 {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.w, &other.w)
+    }
+}
+
+impl Eq for MatMulF32 {}
+
+impl Expansion for MatMulF32 {
+    fn name(&self) -> StaticName {
+        "MatMulF32".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        let (k, n) = (self.w.k, self.w.n);
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for ax in 0..rank.saturating_sub(1) {
+                s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
+            }
+            if rank >= 1 {
+                s.equals(&inputs[0].shape[rank - 1], k.to_dim())?;
+                s.equals(&outputs[0].shape[rank - 1], n.to_dim())?;
+            }
+            Ok(())
+        })
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, self.clone(), inputs)
+    }
+}
+
+impl Op for MatMulF32 {
+    fn name(&self) -> StaticName {
+        "MatMulF32".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("f32 weights {}x{}{}", self.w.k, self.w.n, if self.w.bias.is_some() { " + bias" } else { "" })])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for MatMulF32 {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = &inputs[0];
+        let shape = x.shape();
+        ensure!(shape.last() == Some(&self.w.k), "MatMulF32: input {shape:?}, weights {}x{}", self.w.k, self.w.n);
+        let m: usize = shape[..shape.len() - 1].iter().product();
+        let mut out_shape: TVec<usize> = shape.into();
+        *out_shape.last_mut().unwrap() = self.w.n;
+        let xs = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let ys = view.as_slice_mut::<f32>()?;
+            match tract_linalg::multithread::current_tract_executor() {
+                tract_linalg::multithread::Executor::MultiThread(pool) => self.w.matmul(xs, m, ys, Some(&pool)),
+                _ => self.w.matmul(xs, m, ys, None),
+            }
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for MatMulF32 {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs[0];
+        ensure!(x.datum_type == f32::datum_type(), "MatMulF32 takes f32, got {:?}", x.datum_type);
+        ensure!(x.rank() >= 1, "MatMulF32 of a scalar");
+        let mut shape: TVec<TDim> = x.shape.iter().cloned().collect();
+        if let Ok(k) = shape[shape.len() - 1].to_usize() {
+            ensure!(k == self.w.k, "MatMulF32: input {:?}, weights {}x{}", x.shape, self.w.k, self.w.n);
+        }
+        *shape.last_mut().unwrap() = self.w.n.to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product in f64, and for each value the sum of its terms' magnitudes.
+    fn reference(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![0f32; m * n];
+        let mut mag = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|kk| a[r * k + kk] as f64 * w[kk * n + j] as f64);
+                let b = bias.map_or(0.0, |b| b[j] as f64);
+                out[r * n + j] = (terms.clone().sum::<f64>() + b) as f32;
+                mag[r * n + j] = (terms.map(f64::abs).sum::<f64>() + b.abs()) as f32;
+            }
+        }
+        (out, mag)
+    }
+
+    #[test]
+    fn matches_the_product_for_every_row_count_odd_sizes_both_layouts_and_threads() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX-512F (the op is never fused here)");
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut shapes: Vec<(usize, usize, usize)> = (1..=26).map(|m| (m, 19, 45)).collect();
+        shapes.extend([(1, 1, 1), (50, 64, 96), (7, 130, 33), (50, 768, 200), (257, 40, 70), (3, 512, 8200)]);
+        for (m, k, n) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 255) as f32 - 127.0) / 64.0).collect();
+            let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 3.0).collect();
+            for (packed, b) in [
+                (PackedF32::new(&w, k, n), None),
+                (PackedF32::new_transposed(&wt, k, n), None),
+                (PackedF32::new(&w, k, n).with_bias(&bias), Some(bias.as_slice())),
+            ] {
+                let (want, mag) = reference(&a, m, k, &w, n, b);
+                for pool in [None, Some(&pool)] {
+                    let mut got = vec![f32::NAN; m * n];
+                    packed.matmul(&a, m, &mut got, pool);
+                    for (i, &g) in got.iter().enumerate() {
+                        assert!((g - want[i]).abs() <= 1e-6 * (1.0 + mag[i]), "m {m} k {k} n {n} at {i}: {g} vs {}", want[i]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn tensor(name: &str, dims: &[i64], values: &[f32]) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: 1,
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        use pb::type_proto::{Tensor, Value as TypeValue};
+        let dim = dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect();
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(TypeValue::TensorType(Tensor { elem_type: 1, shape: Some(pb::TensorShapeProto { dim }) })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            name: output.into(),
+            attribute,
+            ..Default::default()
+        }
+    }
+
+    /// A graph with every form the rewrite takes (MatMul + bias Add, a weight read by two
+    /// products, a Gemm with transB and bias, a product whose output is also a graph output so
+    /// its Add stays) runs the same with and without it.
+    #[test]
+    fn fused_graph_computes_what_the_onnx_graph_does() {
+        use prost::Message;
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX-512F (the op is never fused here)");
+            return;
+        }
+        let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 40.0).collect() };
+        let (m, k, n, n2) = (6usize, 40usize, 70usize, 33usize);
+        let attr_i = |name: &str, i: i64| pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() };
+        let graph = pb::GraphProto {
+            name: "g".into(),
+            node: vec![
+                node("MatMul", &["x", "w1"], "h", vec![]),
+                node("Add", &["h", "b1"], "hb", vec![]),
+                node("Gemm", &["hb", "w2t", "c2"], "y1", vec![attr_i("transB", 1)]),
+                node("MatMul", &["x", "w1"], "y2", vec![]),
+                node("MatMul", &["x", "w3"], "p3", vec![]),
+                node("Add", &["b3", "p3"], "y3", vec![]),
+            ],
+            initializer: vec![
+                tensor("w1", &[k as i64, n as i64], &vals(k * n, 1)),
+                tensor("b1", &[n as i64], &vals(n, 2)),
+                tensor("w2t", &[n2 as i64, n as i64], &vals(n2 * n, 3)),
+                tensor("c2", &[n2 as i64], &vals(n2, 4)),
+                tensor("w3", &[k as i64, n as i64], &vals(k * n, 5)),
+                tensor("b3", &[n as i64], &vals(n, 6)),
+            ],
+            input: vec![value_info("x", &[m as i64, k as i64])],
+            output: vec![
+                value_info("y1", &[m as i64, n2 as i64]),
+                value_info("y2", &[m as i64, n as i64]),
+                value_info("y3", &[m as i64, n as i64]),
+                value_info("p3", &[m as i64, n as i64]),
+            ],
+            ..Default::default()
+        };
+        let model = pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+            graph: Some(graph),
+            ..Default::default()
+        };
+        // what the rewrite does to the protobuf
+        let mut proto = model.clone();
+        let fused = fuse_f32_weights(&mut proto);
+        assert_eq!((fused.products, fused.with_bias), (4, 2), "every product fused, two with their bias");
+        let g = proto.graph.as_ref().unwrap();
+        assert_eq!(g.node.iter().filter(|n| n.op_type == "Add").count(), 1, "b1's Add folded, y3's kept (p3 is an output)");
+        assert!(g.initializer.iter().all(|t| t.name == "b3"), "weights and folded biases leave the protobuf");
+        drop(fused);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, model.encode_to_vec()).unwrap();
+        let x = tract_ndarray::Array2::from_shape_vec((m, k), vals(m * k, 7)).unwrap();
+        let run = |ours: bool| -> Vec<Vec<f32>> {
+            let typed = super::super::load_onnx_with(&path, ours).unwrap().into_typed().unwrap();
+            let named = typed.nodes().iter().filter(|n| n.op.name() == "MatMulF32").count();
+            assert_eq!(named, if ours { 4 } else { 0 });
+            let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
+            let out = plan.run(tvec!(x.clone().into_tensor().into())).unwrap();
+            out.iter().map(|t| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()).collect()
+        };
+        let (ours, theirs) = (run(true), run(false));
+        assert_eq!(ours.len(), 4);
+        for (o, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            assert_eq!(a.len(), b.len());
+            for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "output {o} value {i}: {p} vs {q}");
+            }
+        }
+    }
+}
