@@ -190,6 +190,10 @@ def main():
     ap.add_argument("--uniform-fraction", type=float, default=0.0,
                     help="with --hard-negatives: this fraction of each batch is drawn uniformly instead "
                          "(keeps the contrast on the attributes the groups share)")
+    ap.add_argument("--group-shapes", choices=["random", "distinct"], default="random",
+                    help="with --hard-negatives: random draws a group's members at random from its bucket, so "
+                         "two members often have the same shape and size and hence the same caption (a false "
+                         "negative for the contrastive loss); distinct gives every member of a group its own shape")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -242,15 +246,26 @@ def main():
     for i, a in enumerate(attrs):
         buckets.setdefault((a["color"], a["position"], a["count"]), []).append(i)
     bucket_keys = sorted(buckets)
+    by_shape = {k: {} for k in bucket_keys}
+    for k in bucket_keys:
+        for i in buckets[k]:
+            by_shape[k].setdefault(attrs[i]["shape"], []).append(i)
+
+    def draw_group(key, n):
+        if args.group_shapes == "distinct":
+            shapes = sorted(by_shape[key])
+            pick = rng.choice(len(shapes), size=min(n, len(shapes)), replace=False)
+            return [int(rng.choice(by_shape[key][shapes[j]])) for j in pick]
+        members = buckets[key]
+        pick = rng.choice(len(members), size=min(n, len(members)), replace=False)
+        return [members[j] for j in pick]
 
     def grouped_batch():
         g = args.hard_negatives
         n_uniform = int(round(args.uniform_fraction * args.batch))
         out = list(rng.choice(len(attrs), size=n_uniform, replace=False)) if n_uniform else []
         while len(out) < args.batch:
-            members = buckets[bucket_keys[rng.integers(len(bucket_keys))]]
-            pick = rng.choice(len(members), size=min(g, len(members), args.batch - len(out)), replace=False)
-            out.extend(members[j] for j in pick)
+            out.extend(draw_group(bucket_keys[rng.integers(len(bucket_keys))], min(g, args.batch - len(out))))
         return np.array(out)
     def autocast():
         if args.precision == "fp32":
