@@ -17,6 +17,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::bundle::{Bundle, Dim, GraphSpec, TensorSpec};
 
+pub mod attn;
 pub mod f32mm;
 pub mod ops;
 pub mod w8;
@@ -46,8 +47,8 @@ pub fn load_onnx(path: &Path) -> TractResult<InferenceModel> {
     load_onnx_with(path, false)
 }
 
-/// [`load_onnx`], and with `f32_products` the products by constant f32 weights run by our
-/// kernel ([`f32mm`]) where the CPU has it.
+/// [`load_onnx`], and with `f32_products` the products by constant f32 weights ([`f32mm`]) and
+/// the attention products ([`attn`]) run by our kernels where the CPU has AVX-512F.
 pub fn load_onnx_with(path: &Path, f32_products: bool) -> TractResult<InferenceModel> {
     let mut onnx = onnx();
     let mut proto = read_proto(path)?;
@@ -61,8 +62,14 @@ pub fn load_onnx_with(path: &Path, f32_products: bool) -> TractResult<InferenceM
     });
     let _fused_f32 = (our_ops() && f32_products && f32mm::supported()).then(|| {
         let fused = f32mm::fuse_f32_weights(&mut proto);
-        if fused.products > 0 {
-            log::debug!("{}: {} products with f32 weights ({} with their bias)", path.display(), fused.products, fused.with_bias);
+        let attention = attn::fuse_attention(&mut proto);
+        if fused.products > 0 || attention > 0 {
+            log::debug!(
+                "{}: {} products with f32 weights ({} with their bias), {attention} attention products",
+                path.display(),
+                fused.products,
+                fused.with_bias
+            );
         }
         fused
     });
