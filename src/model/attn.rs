@@ -174,10 +174,7 @@ impl EvalOp for Attention {
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
-            match tract_linalg::multithread::current_tract_executor() {
-                tract_linalg::multithread::Executor::MultiThread(pool) => attention(sa, sb, sv, ys, dims, Some(&pool)),
-                _ => attention(sa, sb, sv, ys, dims, None),
-            }
+            super::product::with_executor_pool(|pool| attention(sa, sb, sv, ys, dims, pool));
         }
         Ok(tvec!(y.into_tvalue()))
     }
@@ -483,36 +480,16 @@ mod tests {
     /// runs the same with and without the rewrite.
     #[test]
     fn fused_graph_computes_what_the_onnx_graph_does() {
+        use super::super::test_proto::{model, node, value_info as vi};
         use prost::Message;
         use tract_onnx::pb;
         if !super::super::f32mm::supported() {
             eprintln!("skipped: this CPU has no AVX-512F (the rewrite is not made)");
             return;
         }
-        let vi = |name: &str, dims: &[i64]| {
-            use pb::tensor_shape_proto::{dimension::Value, Dimension};
-            use pb::type_proto::{Tensor, Value as TypeValue};
-            let dim = dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect();
-            pb::ValueInfoProto {
-                name: name.into(),
-                r#type: Some(pb::TypeProto {
-                    value: Some(TypeValue::TensorType(Tensor { elem_type: 1, shape: Some(pb::TensorShapeProto { dim }) })),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }
-        };
-        let node = |op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>| pb::NodeProto {
-            op_type: op.into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            name: output.into(),
-            attribute,
-            ..Default::default()
-        };
         let ints = |name: &str, v: &[i64]| pb::AttributeProto { name: name.into(), r#type: 7, ints: v.to_vec(), ..Default::default() };
         let int = |name: &str, i: i64| pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() };
-        let scale = pb::TensorProto { name: "scale".into(), dims: vec![], data_type: 1, raw_data: 0.35f32.to_le_bytes().to_vec(), ..Default::default() };
+        let scale = super::super::test_proto::tensor("scale", &[], &[0.35]);
         let (b, h, l, d) = (1i64, 3i64, 7i64, 8i64);
         let graph = pb::GraphProto {
             name: "g".into(),
@@ -532,12 +509,7 @@ mod tests {
             output: vec![vi("y", &[b, h, l, d]), vi("y2", &[b, h, l, d]), vi("s2", &[b, h, l, l])],
             ..Default::default()
         };
-        let model = pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-            graph: Some(graph),
-            ..Default::default()
-        };
+        let model = model(graph);
         let mut proto = model.clone();
         assert_eq!(fuse_attention(&mut proto), 1, "the chain whose scores are an output stays");
         let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@
 //! evenly than onnxruntime does (BENCHMARKS.md, "Image path"). So before parsing,
 //! [`fuse_f32_weights`] rewrites each `MatMul(x, W)` and `Gemm(x, W, b)` whose weight is a 2-D
 //! f32 initializer (and, when it is the only reader, the `Add` of a constant bias after it) into
-//! one `CocaMatMulF32` node, which [`MatMulF32`] runs:
+//! one `CocaMatMulF32` node, which the `MatMulF32` op ([`WeightProduct`] of [`PackedF32`]) runs:
 //! - weights packed once at load in column blocks of 32 (two AVX-512 registers);
 //! - rows cut into even tiles of at most 12 (so 50 rows run as 5 x 10, no padded rows), each
 //!   tile's 24 accumulators held in registers over the whole k;
@@ -23,6 +23,8 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, ModelProto, NodeProto};
 use tract_onnx::tract_hir::internal::*;
 
+use super::product::{SendPtr, WeightProduct, Weights};
+
 /// The op name our rewrite gives fused nodes (never in a graph on disk).
 pub const FUSED_OP: &str = "CocaMatMulF32";
 
@@ -32,12 +34,13 @@ const ONNX_FLOAT: i32 = 1;
 const NB: usize = 32;
 
 /// Most rows a kernel holds in registers (2 x 12 accumulators, 2 weight registers).
+#[cfg(target_arch = "x86_64")]
 const MAX_ROWS: usize = 12;
 
 /// Multiply-accumulates from which a product is split over the executor's threads.
 const PARALLEL_MACS: usize = 1 << 21;
 
-/// Does this CPU run [`MatMulF32`]'s kernel?
+/// Does this CPU run the `MatMulF32` kernel?
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -304,7 +307,7 @@ pub fn parse(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn In
         .and_then(|k| PACKED.with_borrow(|t| t.get(&k).cloned()))
         .with_context(|| format!("{FUSED_OP} node '{}' without its weights (made by coca-edge's loader only)", node.name))?;
     ensure!(node.input.len() == 1, "{FUSED_OP} takes one input");
-    Ok((expand(MatMulF32 { w }), vec![]))
+    Ok((expand(WeightProduct { w }), vec![]))
 }
 
 /// f32 weights `[k, n]` packed for [`PackedF32::matmul`]: column blocks of [`NB`], each block
@@ -424,18 +427,6 @@ impl PackedF32 {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    /// (a method, so closures capture the Send wrapper rather than its raw pointer field)
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: used only to hand disjoint output columns to the pool's tasks
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -494,100 +485,20 @@ mod x86 {
     }
 }
 
-/// `x [.., k] -> [.., n]` with f32 weights (and bias) held by the op (parse-time expansion).
-#[derive(Debug, Clone)]
-pub struct MatMulF32 {
-    w: Arc<PackedF32>,
-}
-
-impl PartialEq for MatMulF32 {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.w, &other.w)
+impl Weights for PackedF32 {
+    const OP: &'static str = "MatMulF32";
+    fn k(&self) -> usize {
+        self.k
     }
-}
-
-impl Eq for MatMulF32 {}
-
-impl Expansion for MatMulF32 {
-    fn name(&self) -> StaticName {
-        "MatMulF32".into()
+    fn n(&self) -> usize {
+        self.n
     }
-
-    fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[0].rank, &outputs[0].rank)?;
-        let (k, n) = (self.w.k, self.w.n);
-        s.given(&inputs[0].rank, move |s, rank| {
-            let rank = rank as usize;
-            for ax in 0..rank.saturating_sub(1) {
-                s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
-            }
-            if rank >= 1 {
-                s.equals(&inputs[0].shape[rank - 1], k.to_dim())?;
-                s.equals(&outputs[0].shape[rank - 1], n.to_dim())?;
-            }
-            Ok(())
-        })
+    fn describe(&self) -> String {
+        format!("f32 weights {}x{}{}", self.k, self.n, if self.bias.is_some() { " + bias" } else { "" })
     }
-
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, self.clone(), inputs)
+    fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+        PackedF32::matmul(self, a, m, out, pool)
     }
-}
-
-impl Op for MatMulF32 {
-    fn name(&self) -> StaticName {
-        "MatMulF32".into()
-    }
-
-    fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("f32 weights {}x{}{}", self.w.k, self.w.n, if self.w.bias.is_some() { " + bias" } else { "" })])
-    }
-
-    op_as_typed_op!();
-}
-
-impl EvalOp for MatMulF32 {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = &inputs[0];
-        let shape = x.shape();
-        ensure!(shape.last() == Some(&self.w.k), "MatMulF32: input {shape:?}, weights {}x{}", self.w.k, self.w.n);
-        let m: usize = shape[..shape.len() - 1].iter().product();
-        let mut out_shape: TVec<usize> = shape.into();
-        *out_shape.last_mut().unwrap() = self.w.n;
-        let xs = x.try_as_plain_ram()?.as_slice::<f32>()?;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
-        {
-            let mut view = y.try_as_plain_ram_mut()?;
-            let ys = view.as_slice_mut::<f32>()?;
-            match tract_linalg::multithread::current_tract_executor() {
-                tract_linalg::multithread::Executor::MultiThread(pool) => self.w.matmul(xs, m, ys, Some(&pool)),
-                _ => self.w.matmul(xs, m, ys, None),
-            }
-        }
-        Ok(tvec!(y.into_tvalue()))
-    }
-}
-
-impl TypedOp for MatMulF32 {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let x = inputs[0];
-        ensure!(x.datum_type == f32::datum_type(), "MatMulF32 takes f32, got {:?}", x.datum_type);
-        ensure!(x.rank() >= 1, "MatMulF32 of a scalar");
-        let mut shape: TVec<TDim> = x.shape.iter().cloned().collect();
-        if let Ok(k) = shape[shape.len() - 1].to_usize() {
-            ensure!(k == self.w.k, "MatMulF32: input {:?}, weights {}x{}", x.shape, self.w.k, self.w.n);
-        }
-        *shape.last_mut().unwrap() = self.w.n.to_dim();
-        Ok(tvec!(f32::fact(shape)))
-    }
-
-    as_op!();
 }
 
 #[cfg(test)]
@@ -640,46 +551,12 @@ mod tests {
         }
     }
 
-    fn tensor(name: &str, dims: &[i64], values: &[f32]) -> pb::TensorProto {
-        pb::TensorProto {
-            name: name.into(),
-            dims: dims.to_vec(),
-            data_type: 1,
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        }
-    }
-
-    fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
-        use pb::tensor_shape_proto::{dimension::Value, Dimension};
-        use pb::type_proto::{Tensor, Value as TypeValue};
-        let dim = dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect();
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(TypeValue::TensorType(Tensor { elem_type: 1, shape: Some(pb::TensorShapeProto { dim }) })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>) -> pb::NodeProto {
-        pb::NodeProto {
-            op_type: op.into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            name: output.into(),
-            attribute,
-            ..Default::default()
-        }
-    }
-
     /// A graph with every form the rewrite takes (MatMul + bias Add, a weight read by two
     /// products, a Gemm with transB and bias, a product whose output is also a graph output so
     /// its Add stays) runs the same with and without it.
     #[test]
     fn fused_graph_computes_what_the_onnx_graph_does() {
+        use super::super::test_proto::{model, node, tensor, value_info};
         use prost::Message;
         if !supported() {
             eprintln!("skipped: this CPU has no AVX-512F (the op is never fused here)");
@@ -715,12 +592,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let model = pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-            graph: Some(graph),
-            ..Default::default()
-        };
+        let model = model(graph);
         // what the rewrite does to the protobuf
         let mut proto = model.clone();
         let fused = fuse_f32_weights(&mut proto);

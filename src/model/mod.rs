@@ -20,6 +20,9 @@ use crate::bundle::{Bundle, Dim, GraphSpec, TensorSpec};
 pub mod attn;
 pub mod f32mm;
 pub mod ops;
+pub mod product;
+#[cfg(test)]
+mod test_proto;
 pub mod w8;
 
 /// COCA_TRACT_OPS=1: tract's own translations only (for comparisons and diagnosis).
@@ -917,30 +920,10 @@ pub fn kernel_report(m: usize, k: usize, n: usize) -> KernelReport {
 
 #[cfg(test)]
 mod load_tests {
+    use super::test_proto::{model, node, tensor, value_info};
     use super::*;
     use prost::Message;
     use tract_onnx::pb;
-
-    fn tensor(name: &str, values: &[f32]) -> pb::TensorProto {
-        pb::TensorProto {
-            name: name.into(),
-            dims: vec![values.len() as i64],
-            data_type: 1,
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        }
-    }
-
-    fn value_info(name: &str, n: usize) -> pb::ValueInfoProto {
-        use pb::tensor_shape_proto::{dimension::Value, Dimension};
-        use pb::type_proto::{Tensor, Value as TypeValue};
-        let shape = pb::TensorShapeProto { dim: vec![Dimension { value: Some(Value::DimValue(n as i64)), ..Default::default() }] };
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto { value: Some(TypeValue::TensorType(Tensor { elem_type: 1, shape: Some(shape) })), ..Default::default() }),
-            ..Default::default()
-        }
-    }
 
     /// y = x + a + b with `a` inline (1.2 MB: moved out of the protobuf, and the file spans
     /// more than one read window) and `b` in a real external-data file (tract's reader).
@@ -951,34 +934,22 @@ mod load_tests {
         let b: Vec<f32> = (0..n).map(|i| -((i % 7) as f32)).collect();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("b.bin"), b.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-        let mut b_proto = tensor("b", &[]);
+        let mut b_proto = tensor("b", &[], &[]);
         b_proto.dims = vec![n as i64];
         b_proto.data_location = Some(1);
         b_proto.external_data = vec![
             pb::StringStringEntryProto { key: "location".into(), value: "b.bin".into() },
             pb::StringStringEntryProto { key: "length".into(), value: (4 * n).to_string() },
         ];
-        let node = |op: &str, i: [&str; 2], o: &str| pb::NodeProto {
-            op_type: op.into(),
-            input: i.iter().map(|s| s.to_string()).collect(),
-            output: vec![o.into()],
-            name: o.into(),
-            ..Default::default()
-        };
         let graph = pb::GraphProto {
             name: "g".into(),
-            node: vec![node("Add", ["x", "a"], "xa"), node("Add", ["xa", "b"], "y")],
-            initializer: vec![tensor("a", &a), b_proto],
-            input: vec![value_info("x", n)],
-            output: vec![value_info("y", n)],
+            node: vec![node("Add", &["x", "a"], "xa", vec![]), node("Add", &["xa", "b"], "y", vec![])],
+            initializer: vec![tensor("a", &[n as i64], &a), b_proto],
+            input: vec![value_info("x", &[n as i64])],
+            output: vec![value_info("y", &[n as i64])],
             ..Default::default()
         };
-        let model = pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-            graph: Some(graph),
-            ..Default::default()
-        };
+        let model = model(graph);
         let path = dir.path().join("m.onnx");
         std::fs::write(&path, model.encode_to_vec()).unwrap();
         let plan = load_onnx(&path).unwrap().into_optimized().unwrap().into_runnable().unwrap();

@@ -6,7 +6,7 @@
 //! tract would fold the DequantizeLinear of a constant weight back into an f32 constant at
 //! load time (the f32 bytes again, and its f32 kernel), and has no int8 matrix-vector kernel on
 //! x86 for the `MatMulInteger` form. So before parsing, [`fuse_weight_dequant`] rewrites each
-//! such pair in the protobuf into one `CocaMatMulW8` node, which [`MatMulW8`] runs: weights kept
+//! such pair in the protobuf into one `CocaMatMulW8` node, which the `MatMulW8` op ([`WeightProduct`] of [`PackedW8`]) runs: weights kept
 //! in int8, packed in column blocks of 16, converted to f32 in registers and multiplied into
 //! f32 accumulators, one scale per output column applied at the end. With AVX-512F or AVX2 + FMA
 //! on x86 (chosen at run time); elsewhere (aarch64) a portable loop the compiler vectorises.
@@ -17,6 +17,8 @@ use std::sync::Arc;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, ModelProto, NodeProto};
 use tract_onnx::tract_hir::internal::*;
+
+use super::product::{SendPtr, WeightProduct, Weights};
 
 /// The op name our rewrite gives fused nodes (never in a graph on disk).
 pub const FUSED_OP: &str = "CocaMatMulW8";
@@ -201,7 +203,7 @@ pub fn parse(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn In
         .and_then(|k| PACKED.with_borrow(|t| t.get(&k).cloned()))
         .with_context(|| format!("{FUSED_OP} node '{}' without its weights (made by coca-edge's loader only)", node.name))?;
     ensure!(node.input.len() == 1, "{FUSED_OP} takes one input");
-    Ok((expand(MatMulW8 { w }), vec![]))
+    Ok((expand(WeightProduct { w }), vec![]))
 }
 
 /// int8 weights `[k, n]` packed for [`PackedW8::matmul`]: column blocks of [`NB`], each block
@@ -290,18 +292,6 @@ impl PackedW8 {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    /// (a method, so closures capture the Send wrapper rather than its raw pointer field)
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: used only to hand disjoint output columns to the pool's tasks
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Multiply-accumulates from which a product is split over the executor's threads.
 const PARALLEL_MACS: usize = 1 << 23;
@@ -444,100 +434,20 @@ mod x86 {
     }
 }
 
-/// `x [.., k] -> [.., n]` with int8 weights held by the op (parse-time expansion).
-#[derive(Debug, Clone)]
-pub struct MatMulW8 {
-    w: Arc<PackedW8>,
-}
-
-impl PartialEq for MatMulW8 {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.w, &other.w)
+impl Weights for PackedW8 {
+    const OP: &'static str = "MatMulW8";
+    fn k(&self) -> usize {
+        self.k
     }
-}
-
-impl Eq for MatMulW8 {}
-
-impl Expansion for MatMulW8 {
-    fn name(&self) -> StaticName {
-        "MatMulW8".into()
+    fn n(&self) -> usize {
+        self.n
     }
-
-    fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[0].rank, &outputs[0].rank)?;
-        let (k, n) = (self.w.k, self.w.n);
-        s.given(&inputs[0].rank, move |s, rank| {
-            let rank = rank as usize;
-            for ax in 0..rank.saturating_sub(1) {
-                s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
-            }
-            if rank >= 1 {
-                s.equals(&inputs[0].shape[rank - 1], k.to_dim())?;
-                s.equals(&outputs[0].shape[rank - 1], n.to_dim())?;
-            }
-            Ok(())
-        })
+    fn describe(&self) -> String {
+        format!("int8 weights {}x{}", self.k, self.n)
     }
-
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, self.clone(), inputs)
+    fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+        PackedW8::matmul(self, a, m, out, pool)
     }
-}
-
-impl Op for MatMulW8 {
-    fn name(&self) -> StaticName {
-        "MatMulW8".into()
-    }
-
-    fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("int8 weights {}x{}", self.w.k, self.w.n)])
-    }
-
-    op_as_typed_op!();
-}
-
-impl EvalOp for MatMulW8 {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = &inputs[0];
-        let shape = x.shape();
-        ensure!(shape.last() == Some(&self.w.k), "MatMulW8: input {shape:?}, weights {}x{}", self.w.k, self.w.n);
-        let m: usize = shape[..shape.len() - 1].iter().product();
-        let mut out_shape: TVec<usize> = shape.into();
-        *out_shape.last_mut().unwrap() = self.w.n;
-        let xs = x.try_as_plain_ram()?.as_slice::<f32>()?;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
-        {
-            let mut view = y.try_as_plain_ram_mut()?;
-            let ys = view.as_slice_mut::<f32>()?;
-            match tract_linalg::multithread::current_tract_executor() {
-                tract_linalg::multithread::Executor::MultiThread(pool) => self.w.matmul(xs, m, ys, Some(&pool)),
-                _ => self.w.matmul(xs, m, ys, None),
-            }
-        }
-        Ok(tvec!(y.into_tvalue()))
-    }
-}
-
-impl TypedOp for MatMulW8 {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let x = inputs[0];
-        ensure!(x.datum_type == f32::datum_type(), "MatMulW8 takes f32, got {:?}", x.datum_type);
-        ensure!(x.rank() >= 1, "MatMulW8 of a scalar");
-        let mut shape: TVec<TDim> = x.shape.iter().cloned().collect();
-        if let Ok(k) = shape[shape.len() - 1].to_usize() {
-            ensure!(k == self.w.k, "MatMulW8: input {:?}, weights {}x{}", x.shape, self.w.k, self.w.n);
-        }
-        *shape.last_mut().unwrap() = self.w.n.to_dim();
-        Ok(tvec!(f32::fact(shape)))
-    }
-
-    as_op!();
 }
 
 #[cfg(test)]
