@@ -249,7 +249,7 @@ pub fn fuse_f32_weights(proto: &mut ModelProto) -> Fused {
     let mut fused = 0;
     let mut with_bias = 0;
     let mut drop_nodes: HashSet<usize> = HashSet::new();
-    let mut bias_keys: HashMap<String, Arc<PackedF32>> = HashMap::new();
+    let mut table: HashMap<String, Arc<PackedF32>> = HashMap::new();
     for (p, key) in plans.into_iter().zip(keys) {
         let Some(key) = key else { continue };
         let mut w = packed[&key].clone();
@@ -260,7 +260,7 @@ pub fn fuse_f32_weights(proto: &mut ModelProto) -> Fused {
             node_key = format!("{node_key}+bias@{}", graph.node[p.node].output[0]);
             with_bias += 1;
         }
-        bias_keys.insert(node_key.clone(), w);
+        table.insert(node_key.clone(), w);
         let out = match p.add {
             Some(j) => {
                 drop_nodes.insert(j);
@@ -297,7 +297,7 @@ pub fn fuse_f32_weights(proto: &mut ModelProto) -> Fused {
     super::w8::names_read(graph, &mut read);
     read.extend(graph.output.iter().chain(graph.input.iter()).map(|o| o.name.clone()));
     graph.initializer.retain(|t| read.contains(&t.name));
-    PACKED.with_borrow_mut(|t| *t = bias_keys);
+    PACKED.with_borrow_mut(|t| *t = table);
     Fused { products: fused, with_bias }
 }
 
