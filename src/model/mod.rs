@@ -87,6 +87,17 @@ pub fn load_onnx_with(path: &Path, f32_products: bool) -> TractResult<InferenceM
     }
     Ok(parsed.model)
 }
+/// tract's optimisation, then our attention op's operands read where tract's layout ops would
+/// have copied them from ([`attn::absorb_layouts`]).
+pub fn optimize(typed: TypedModel) -> TractResult<TypedModel> {
+    let mut optimized = typed.into_optimized()?;
+    let absorbed = attn::absorb_layouts(&mut optimized)?;
+    if absorbed > 0 {
+        log::debug!("{absorbed} attention ops read their operands in place");
+    }
+    Ok(optimized)
+}
+
 use crate::error::{Error, Result};
 
 /// Decode an ONNX protobuf from a file through a 1 MB window. tract's own reader maps the file
@@ -479,7 +490,7 @@ impl Graph {
                 return Err(mismatch(format!("output '{}' is {:?}, manifest says {}", t.name, fact.datum_type, t.dtype)));
             }
         }
-        let optimized = typed.into_optimized().map_err(engine)?;
+        let optimized = optimize(typed).map_err(engine)?;
         mem("optimised");
         let plan = optimized.into_runnable_with_options(&opts.run_options()).map_err(engine)?;
         mem("planned");

@@ -13,6 +13,17 @@ pub fn tensor(name: &str, dims: &[i64], values: &[f32]) -> pb::TensorProto {
     }
 }
 
+/// An int64 initializer of one dim (shapes, indices), inline.
+pub fn ints_tensor(name: &str, values: &[i64]) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: vec![values.len() as i64],
+        data_type: 7,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
 /// An f32 graph input or output of fixed dims.
 pub fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value, Dimension};
