@@ -631,16 +631,34 @@ unsafe fn slice_portable(a: Mat, b: Mat, v: Mat, o: Mat, (l, d, l2, dv): (usize,
     }
 }
 
-/// s = exp(s - max s); returns 1 / sum.
+/// s = exp(s - max s); returns 1 / sum. (In 16 lanes: a single running max or sum is one
+/// dependent op per element, which the compiler may not reorder for floats.)
 #[inline(always)]
 fn softmax_unnormalised(s: &mut [f32]) -> f32 {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sum = 0f32;
-    for sj in s.iter_mut() {
-        *sj = exp(*sj - max);
-        sum += *sj;
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = s.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = m.max(x);
+        }
     }
-    1.0 / sum
+    for (m, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *m = m.max(x);
+    }
+    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sums = [0f32; 16];
+    let mut chunks = s.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (a, x) in sums.iter_mut().zip(c.iter_mut()) {
+            *x = exp(*x - max);
+            *a += *x;
+        }
+    }
+    for (a, x) in sums.iter_mut().zip(chunks.into_remainder()) {
+        *x = exp(*x - max);
+        *a += *x;
+    }
+    1.0 / sums.iter().sum::<f32>()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -787,9 +805,9 @@ fn exp(x: f32) -> f32 {
     let y = (p * r).mul_add(r, r) + 1.0;
     let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
     let e = y * scale;
-    if x < -87.3 {
-        0.0
-    } else if x.is_nan() {
+    // (selects, not branches: the softmax loop vectorises)
+    let e = if x < -87.3 { 0.0 } else { e };
+    if x.is_nan() {
         x
     } else {
         e
