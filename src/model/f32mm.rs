@@ -501,6 +501,113 @@ impl TypedOp for PatchEmbed {
     as_op!();
 }
 
+/// `x W (+ b) + r`: a product whose output goes, through reshapes only, to an `Add` of a tensor
+/// of its shape (a transformer's residual), the sum made as each tile is stored. Made from an
+/// optimised model by [`fuse_residual_adds`]; its output has `r`'s shape.
+#[derive(Debug, Clone)]
+pub struct ProductAdd {
+    w: Arc<PackedF32>,
+}
+
+impl PartialEq for ProductAdd {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.w, &other.w)
+    }
+}
+
+impl Eq for ProductAdd {}
+
+impl Op for ProductAdd {
+    fn name(&self) -> StaticName {
+        "MatMulF32Add".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{} + residual", self.w.describe())])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ProductAdd {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (x, r) = (&inputs[0], &inputs[1]);
+        let (k, n) = (self.w.k, self.w.n);
+        ensure!(x.shape().last() == Some(&k), "MatMulF32Add: input {:?}, weights {k}x{n}", x.shape());
+        let m = x.len() / k.max(1);
+        ensure!(r.len() == m * n, "MatMulF32Add: residual {:?} for {m}x{n}", r.shape());
+        let (xs, rs) = (x.try_as_plain_ram()?, r.try_as_plain_ram()?);
+        let mut y = unsafe { Tensor::uninitialized::<f32>(r.shape())? };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let ys = view.as_slice_mut::<f32>()?;
+            let (xs, rs) = (xs.as_slice::<f32>()?, rs.as_slice::<f32>()?);
+            super::product::with_executor_pool(|pool| self.w.matmul_add(xs, m, Some(rs), ys, pool));
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for ProductAdd {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()), "MatMulF32Add takes f32");
+        Ok(tvec!(f32::fact(inputs[1].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// In an optimised model, fold each `Add` that alone reads a `MatMulF32` product (through
+/// reshapes) and adds a tensor of the same shape into a [`ProductAdd`]. Returns how many.
+pub fn fuse_residual_adds(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::change_axes::IntoShape;
+    let ids: Vec<usize> = model.nodes().iter().filter(|n| n.op_as::<WeightProduct<PackedF32>>().is_some()).map(|n| n.id).collect();
+    let mut fused = 0;
+    for id in ids {
+        let node = model.node(id);
+        let Some(w) = node.op_as::<WeightProduct<PackedF32>>().map(|p| p.w.clone()) else { continue };
+        let mut tail = OutletId::new(id, 0);
+        let add = loop {
+            let succs = model.outlet_successors(tail);
+            if model.output_outlets()?.contains(&tail) || succs.len() != 1 {
+                break None;
+            }
+            let succ = model.node(succs[0].node);
+            if succ.op_is::<IntoShape>() {
+                tail = OutletId::new(succ.id, 0);
+                continue;
+            }
+            let name = succ.op.name();
+            break ((name == "OptAddUnicast" || name == "Add") && succ.inputs.len() == 2).then_some((succ.id, succs[0].slot));
+        };
+        let Some((add, slot)) = add else { continue };
+        let other = model.node(add).inputs[1 - slot];
+        let concrete = |o: OutletId| -> Option<(DatumType, TVec<usize>)> {
+            let f = model.outlet_fact(o).ok()?;
+            Some((f.datum_type, f.shape.as_concrete()?.into()))
+        };
+        let (Some(p), Some(r), Some(y)) = (concrete(tail), concrete(other), concrete(OutletId::new(add, 0))) else { continue };
+        let f32t = f32::datum_type();
+        if !(p.0 == f32t && r.0 == f32t && y.0 == f32t && p.1 == r.1 && r.1 == y.1) {
+            continue;
+        }
+        let x = node.inputs[0];
+        let name = model.node(add).name.clone();
+        let mut patch = TypedModelPatch::new(format!("residual add into {}", node.name));
+        let taps = [patch.tap_model(model, x)?, patch.tap_model(model, other)?];
+        let out = patch.wire_node(name, ProductAdd { w }, &taps)?;
+        patch.shunt_outside(model, OutletId::new(add, 0), out[0])?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
 /// f32 weights `[k, n]` packed for [`PackedF32::matmul`]: column blocks of [`NB`], each block
 /// `k` rows of `NB` values (zero past `n`), and an optional bias (zero past `n`).
 #[derive(Debug)]
@@ -561,9 +668,16 @@ impl PackedF32 {
     /// `out` (`m` x n) = `a` (`m` x k) times the weights (plus the bias); column blocks are
     /// split over `pool`'s threads when there is enough work. Needs [`supported`].
     pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+        self.matmul_add(a, m, None, out, pool)
+    }
+
+    /// [`PackedF32::matmul`], plus `residual` (`m` x n) when given.
+    pub fn matmul_add(&self, a: &[f32], m: usize, residual: Option<&[f32]>, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
         assert!(supported(), "CocaMatMulF32 needs AVX-512F");
         assert_eq!(a.len(), m * self.k);
         assert_eq!(out.len(), m * self.n);
+        assert!(residual.is_none_or(|r| r.len() == m * self.n));
+        let res = residual.map_or(std::ptr::null(), |r| r.as_ptr()) as usize;
         if m == 0 || self.n == 0 {
             return;
         }
@@ -579,18 +693,18 @@ impl PackedF32 {
                     let start = t * base + t.min(extra);
                     let range = start..start + base + usize::from(t < extra);
                     // SAFETY: each task writes the columns of its own blocks only
-                    s.spawn(move |_| unsafe { self.blocks_into(a, m, range, out_ptr.get()) });
+                    s.spawn(move |_| unsafe { self.blocks_into(a, m, range, res as *const f32, out_ptr.get()) });
                 }
             });
         } else {
             // SAFETY: out has m x n values
-            unsafe { self.blocks_into(a, m, 0..blocks, out_ptr.get()) }
+            unsafe { self.blocks_into(a, m, 0..blocks, res as *const f32, out_ptr.get()) }
         }
     }
 
     /// Column blocks `range` of every row. SAFETY: AVX-512F; `out` points to m x n writable
-    /// values and no other thread writes these blocks' columns.
-    unsafe fn blocks_into(&self, a: &[f32], m: usize, range: std::ops::Range<usize>, out: *mut f32) {
+    /// values and no other thread writes these blocks' columns; `res` is null or m x n values.
+    unsafe fn blocks_into(&self, a: &[f32], m: usize, range: std::ops::Range<usize>, res: *const f32, out: *mut f32) {
         #[cfg(target_arch = "x86_64")]
         {
             let (k, n) = (self.k, self.n);
@@ -605,14 +719,15 @@ impl PackedF32 {
                 while r0 < m {
                     let rows = per.min(m - r0);
                     let (ap, op) = (a.as_ptr().add(r0 * k), out.add(r0 * n + jb * NB));
-                    x86::dispatch(rows, ap, k, w, op, n, cols, bias);
+                    let rp = if res.is_null() { res } else { res.add(r0 * n + jb * NB) };
+                    x86::dispatch(rows, ap, k, w, op, n, cols, bias, rp);
                     r0 += rows;
                 }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (a, m, range, out);
+            let _ = (a, m, range, res, out);
             unreachable!("CocaMatMulF32 is only fused on x86_64 with AVX-512F")
         }
     }
@@ -626,7 +741,7 @@ mod x86 {
 
     /// SAFETY: AVX-512F; see [`kernel`].
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn dispatch(rows: usize, a: *const f32, k: usize, w: *const f32, out: *mut f32, ldo: usize, cols: usize, bias: Option<*const f32>) {
+    pub unsafe fn dispatch(rows: usize, a: *const f32, k: usize, w: *const f32, out: *mut f32, ldo: usize, cols: usize, bias: Option<*const f32>, res: *const f32) {
         let f = match rows {
             1 => kernel::<1>,
             2 => kernel::<2>,
@@ -641,15 +756,17 @@ mod x86 {
             11 => kernel::<11>,
             _ => kernel::<12>,
         };
-        f(a, k, w, out, ldo, cols, bias.unwrap_or(std::ptr::null()))
+        f(a, k, w, out, ldo, cols, bias.unwrap_or(std::ptr::null()), res)
     }
 
-    /// `out[r, 0..cols] = bias + sum over k of a[r, kk] * w[kk, 0..cols]` for R rows of `a`
-    /// (row stride k) and one packed block `w` (k x 32); `out` has row stride `ldo`.
+    /// `out[r, 0..cols] = bias + sum over k of a[r, kk] * w[kk, 0..cols] (+ res[r, 0..cols])`
+    /// for R rows of `a` (row stride k) and one packed block `w` (k x 32); `out` and `res` have
+    /// row stride `ldo`.
     /// SAFETY: AVX-512F; `a` has R x k values, `w` k x 32, `out` R rows of `cols` <= 32
-    /// writable values, `bias` null or 32 values.
+    /// writable values, `bias` null or 32 values, `res` null or R rows of `cols` values.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel<const R: usize>(a: *const f32, k: usize, w: *const f32, out: *mut f32, ldo: usize, cols: usize, bias: *const f32) {
+    pub unsafe fn kernel<const R: usize>(a: *const f32, k: usize, w: *const f32, out: *mut f32, ldo: usize, cols: usize, bias: *const f32, res: *const f32) {
         let mut lo = [_mm512_setzero_ps(); R];
         let mut hi = [_mm512_setzero_ps(); R];
         for kk in 0..k {
@@ -670,8 +787,14 @@ mod x86 {
         let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols <= 16 { 0 } else { ((1u32 << (cols - 16)) - 1) as u16 };
         for r in 0..R {
             let o = out.add(r * ldo);
-            _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(lo[r], b0));
-            _mm512_mask_storeu_ps(o.add(16), m1, _mm512_add_ps(hi[r], b1));
+            let (mut l, mut h) = (_mm512_add_ps(lo[r], b0), _mm512_add_ps(hi[r], b1));
+            if !res.is_null() {
+                let x = res.add(r * ldo);
+                l = _mm512_add_ps(l, _mm512_maskz_loadu_ps(m0, x));
+                h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m1, x.add(16)));
+            }
+            _mm512_mask_storeu_ps(o, m0, l);
+            _mm512_mask_storeu_ps(o.add(16), m1, h);
         }
     }
 }
@@ -731,11 +854,17 @@ mod tests {
                 (PackedF32::new(&w, k, n).with_bias(&bias), Some(bias.as_slice())),
             ] {
                 let (want, mag) = reference(&a, m, k, &w, n, b);
+                let res: Vec<f32> = (0..m * n).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
                 for pool in [None, Some(&pool)] {
                     let mut got = vec![f32::NAN; m * n];
                     packed.matmul(&a, m, &mut got, pool);
                     for (i, &g) in got.iter().enumerate() {
                         assert!((g - want[i]).abs() <= 1e-6 * (1.0 + mag[i]), "m {m} k {k} n {n} at {i}: {g} vs {}", want[i]);
+                    }
+                    packed.matmul_add(&a, m, Some(&res), &mut got, pool);
+                    for (i, &g) in got.iter().enumerate() {
+                        let w = want[i] + res[i];
+                        assert!((g - w).abs() <= 1e-6 * (1.0 + mag[i] + res[i].abs()), "with residual: m {m} k {k} n {n} at {i}: {g} vs {w}");
                     }
                 }
             }
@@ -765,6 +894,9 @@ mod tests {
                 node("MatMul", &["x", "w1"], "y2", vec![]),
                 node("MatMul", &["x", "w3"], "p3", vec![]),
                 node("Add", &["b3", "p3"], "y3", vec![]),
+                // a residual: made as the product is stored, after tract's optimisation
+                node("MatMul", &["x", "w4"], "p4", vec![]),
+                node("Add", &["r", "p4"], "y4", vec![]),
             ],
             initializer: vec![
                 tensor("w1", &[k as i64, n as i64], &vals(k * n, 1)),
@@ -773,13 +905,15 @@ mod tests {
                 tensor("c2", &[n2 as i64], &vals(n2, 4)),
                 tensor("w3", &[k as i64, n as i64], &vals(k * n, 5)),
                 tensor("b3", &[n as i64], &vals(n, 6)),
+                tensor("w4", &[k as i64, n as i64], &vals(k * n, 9)),
             ],
-            input: vec![value_info("x", &[m as i64, k as i64])],
+            input: vec![value_info("x", &[m as i64, k as i64]), value_info("r", &[m as i64, n as i64])],
             output: vec![
                 value_info("y1", &[m as i64, n2 as i64]),
                 value_info("y2", &[m as i64, n as i64]),
                 value_info("y3", &[m as i64, n as i64]),
                 value_info("p3", &[m as i64, n as i64]),
+                value_info("y4", &[m as i64, n as i64]),
             ],
             ..Default::default()
         };
@@ -787,9 +921,9 @@ mod tests {
         // what the rewrite does to the protobuf
         let mut proto = model.clone();
         let fused = fuse_f32_weights(&mut proto);
-        assert_eq!((fused.products, fused.with_bias), (4, 2), "every product fused, two with their bias");
+        assert_eq!((fused.products, fused.with_bias), (5, 2), "every product fused, two with their bias");
         let g = proto.graph.as_ref().unwrap();
-        assert_eq!(g.node.iter().filter(|n| n.op_type == "Add").count(), 1, "b1's Add folded, y3's kept (p3 is an output)");
+        assert_eq!(g.node.iter().filter(|n| n.op_type == "Add").count(), 2, "b1's Add folded, y3's kept (p3 is an output), y4's left");
         assert!(g.initializer.iter().all(|t| t.name == "b3"), "weights and folded biases leave the protobuf");
         drop(fused);
 
@@ -797,16 +931,20 @@ mod tests {
         let path = dir.path().join("m.onnx");
         std::fs::write(&path, model.encode_to_vec()).unwrap();
         let x = tract_ndarray::Array2::from_shape_vec((m, k), vals(m * k, 7)).unwrap();
+        let r = tract_ndarray::Array2::from_shape_vec((m, n), vals(m * n, 8)).unwrap();
         let run = |ours: bool| -> Vec<Vec<f32>> {
             let typed = super::super::load_onnx_with(&path, ours).unwrap().into_typed().unwrap();
             let named = typed.nodes().iter().filter(|n| n.op.name() == "MatMulF32").count();
-            assert_eq!(named, if ours { 4 } else { 0 });
-            let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
-            let out = plan.run(tvec!(x.clone().into_tensor().into())).unwrap();
+            assert_eq!(named, if ours { 5 } else { 0 });
+            let optimized = super::super::optimize(typed).unwrap();
+            let adds = optimized.nodes().iter().filter(|n| n.op.name() == "MatMulF32Add").count();
+            assert_eq!(adds, usize::from(ours), "the residual add made with its product");
+            let plan = optimized.into_runnable().unwrap();
+            let out = plan.run(tvec!(x.clone().into_tensor().into(), r.clone().into_tensor().into())).unwrap();
             out.iter().map(|t| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()).collect()
         };
         let (ours, theirs) = (run(true), run(false));
-        assert_eq!(ours.len(), 4);
+        assert_eq!(ours.len(), 5);
         for (o, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             assert_eq!(a.len(), b.len());
             for (i, (p, q)) in a.iter().zip(b).enumerate() {
