@@ -578,7 +578,9 @@ unsafe fn slices(src: [&[f32]; 3], layout: &Layout, out: *mut f32, range: std::o
 }
 
 /// Per-thread buffers: operands copied where their rows are not contiguous, scores, row sums.
+/// (The portable loops use only the scores.)
 #[derive(Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
@@ -592,6 +594,7 @@ struct Scratch {
 /// `m` (rows x cols) as a pointer and row stride with contiguous rows: itself where it has them,
 /// else copied into `buf`.
 /// SAFETY: `m` addresses rows x cols valid elements.
+#[cfg(target_arch = "x86_64")]
 unsafe fn contiguous_rows(m: Mat, rows: usize, cols: usize, buf: &mut Vec<f32>) -> (*const f32, usize) {
     if m.cs == 1 || cols == 1 {
         return (m.ptr, m.rs);

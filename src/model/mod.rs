@@ -88,14 +88,16 @@ pub fn load_onnx_with(path: &Path, f32_products: bool) -> TractResult<InferenceM
     Ok(parsed.model)
 }
 /// tract's optimisation, then our attention op's operands read where tract's layout ops would
-/// have copied them from ([`attn::absorb_layouts`]) and residual adds made as our products store
-/// their tiles ([`f32mm::fuse_residual_adds`]).
+/// have copied them from ([`attn::absorb_layouts`]), residual adds made as our products store
+/// their tiles ([`f32mm::fuse_residual_adds`]) and GELUs split over the threads
+/// ([`ops::parallel_gelu`]).
 pub fn optimize(typed: TypedModel) -> TractResult<TypedModel> {
     let mut optimized = typed.into_optimized()?;
     let absorbed = attn::absorb_layouts(&mut optimized)?;
     let residuals = f32mm::fuse_residual_adds(&mut optimized)?;
-    if absorbed + residuals > 0 {
-        log::debug!("{absorbed} attention ops read their operands in place, {residuals} residual adds made with their product");
+    let gelus = ops::parallel_gelu(&mut optimized)?;
+    if absorbed + residuals + gelus > 0 {
+        log::debug!("{absorbed} attention ops read their operands in place, {residuals} residual adds made with their product, {gelus} GELUs over the threads");
     }
     Ok(optimized)
 }
