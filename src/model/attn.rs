@@ -112,8 +112,10 @@ pub struct Layout {
     /// The output's shape, and the result ([.., l, dv]) in it.
     out_shape: TVec<usize>,
     out: View,
-    /// The scores' factor, as f32 bits (1.0 for none).
+    /// The scores' factor (scalings met on the way of `a` and `b`), as f32 bits (1.0 for none).
     scale: u32,
+    /// The result's factor (scalings met on the way of `v`), as f32 bits.
+    out_scale: u32,
 }
 
 impl Layout {
@@ -134,6 +136,7 @@ impl Layout {
             out: View::natural(&out_shape),
             out_shape,
             scale: 1f32.to_bits(),
+            out_scale: 1f32.to_bits(),
         })
     }
 
@@ -291,7 +294,7 @@ impl Op for Attention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(match &self.layout {
-            Some(l) => vec![format!("operands {:?}, output {:?}, scale {}", l.operands, l.out, f32::from_bits(l.scale))],
+            Some(l) => vec![format!("operands {:?}, output {:?}, scores x {}, result x {}", l.operands, l.out, f32::from_bits(l.scale), f32::from_bits(l.out_scale))],
             None => vec![],
         })
     }
@@ -446,12 +449,17 @@ pub fn absorb_layouts(model: &mut TypedModel) -> TractResult<usize> {
         let node = model.node(id);
         let mut sources = Vec::new();
         let mut views = Vec::new();
-        let mut scale = 1f32;
-        for &input in &node.inputs {
+        // scalings of a or b scale the scores; of v, the result
+        let (mut scale, mut out_scale) = (1f32, 1f32);
+        for (ix, &input) in node.inputs.iter().enumerate() {
             let Some((src, view, s)) = trace(model, input) else { break };
             sources.push(src);
             views.push(view);
-            scale *= s;
+            if ix == 2 {
+                out_scale *= s;
+            } else {
+                scale *= s;
+            }
         }
         let Some(out_shape) = model.outlet_fact(OutletId::new(id, 0))?.shape.as_concrete().map(TVec::<usize>::from) else { continue };
         if views.len() != 3 || sources.iter().any(|&s| model.outlet_fact(s).map_or(true, |f| f.datum_type != f32::datum_type())) {
@@ -478,7 +486,7 @@ pub fn absorb_layouts(model: &mut TypedModel) -> TractResult<usize> {
         for (pos, &a) in order.iter().enumerate() {
             out.strides[a] = natural.strides[pos];
         }
-        let trivial = moves == 0 && scale == 1.0 && sources.iter().zip(&node.inputs).all(|(s, i)| s == i);
+        let trivial = moves == 0 && scale == 1.0 && out_scale == 1.0 && sources.iter().zip(&node.inputs).all(|(s, i)| s == i);
         if trivial {
             continue;
         }
@@ -489,6 +497,7 @@ pub fn absorb_layouts(model: &mut TypedModel) -> TractResult<usize> {
             out_shape: buffer,
             out,
             scale: scale.to_bits(),
+            out_scale: out_scale.to_bits(),
         };
         if layout.check().is_err() {
             continue;
@@ -552,7 +561,7 @@ unsafe fn slices(src: [&[f32]; 3], layout: &Layout, out: *mut f32, range: std::o
     let [a, b, v] = &layout.operands;
     let r = a.shape.len();
     let (l, d, l2, dv) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1], v.shape[r - 1]);
-    let scale = f32::from_bits(layout.scale);
+    let scales = (f32::from_bits(layout.scale), f32::from_bits(layout.out_scale));
     let mut scratch = Scratch::default();
     for h in range {
         let offset = |view: &View| -> usize {
@@ -570,10 +579,10 @@ unsafe fn slices(src: [&[f32]; 3], layout: &Layout, out: *mut f32, range: std::o
         let dims = (l, d, l2, dv);
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
-            x86::slice(ma, mb, mv, mo, dims, scale, &mut scratch);
+            x86::slice(ma, mb, mv, mo, dims, scales, &mut scratch);
             continue;
         }
-        slice_portable(ma, mb, mv, mo, dims, scale, &mut scratch);
+        slice_portable(ma, mb, mv, mo, dims, scales, &mut scratch);
     }
 }
 
@@ -611,7 +620,7 @@ unsafe fn contiguous_rows(m: Mat, rows: usize, cols: usize, buf: &mut Vec<f32>) 
 
 /// Row by row with plain loops (CPUs without AVX-512F, where the rewrite is not made: tests).
 /// SAFETY: the matrices address valid elements of their dims, `o` writable.
-unsafe fn slice_portable(a: Mat, b: Mat, v: Mat, o: Mat, (l, d, l2, dv): (usize, usize, usize, usize), scale: f32, sc: &mut Scratch) {
+unsafe fn slice_portable(a: Mat, b: Mat, v: Mat, o: Mat, (l, d, l2, dv): (usize, usize, usize, usize), (scale, out_scale): (f32, f32), sc: &mut Scratch) {
     sc.s.clear();
     sc.s.resize(l2, 0.0);
     let s = &mut sc.s;
@@ -623,7 +632,7 @@ unsafe fn slice_portable(a: Mat, b: Mat, v: Mat, o: Mat, (l, d, l2, dv): (usize,
                 *sj = x.mul_add(*b.ptr.add(kk * b.rs + j * b.cs), *sj);
             }
         }
-        let inv = softmax_unnormalised(s);
+        let inv = softmax_unnormalised(s) * out_scale;
         for c in 0..dv {
             let mut acc = 0f32;
             for (j, &p) in s.iter().enumerate() {
@@ -675,10 +684,10 @@ mod x86 {
     const NC: usize = 64;
 
     /// One slice: scores = a b · scale (l x l2), softmax rows, out = scores v, rows scaled by
-    /// 1/sum.
+    /// out_scale / sum.
     /// SAFETY: AVX-512F; the matrices address valid elements of their dims, `o` writable.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn slice(a: Mat, b: Mat, v: Mat, o: Mat, (l, d, l2, dv): (usize, usize, usize, usize), scale: f32, sc: &mut Scratch) {
+    pub unsafe fn slice(a: Mat, b: Mat, v: Mat, o: Mat, (l, d, l2, dv): (usize, usize, usize, usize), (scale, out_scale): (f32, f32), sc: &mut Scratch) {
         let (ap, lda) = contiguous_rows(a, l, d, &mut sc.a);
         let (bp, ldb) = contiguous_rows(b, d, l2, &mut sc.b);
         let (vp, ldv) = contiguous_rows(v, l2, dv, &mut sc.v);
@@ -693,7 +702,7 @@ mod x86 {
         };
         product(ap, lda, bp, ldb, sc.s.as_mut_ptr(), l2, l, d, l2, row_scale);
         for (row, inv) in sc.s.chunks_exact_mut(l2).zip(sc.inv.iter_mut()) {
-            *inv = softmax_unnormalised(row);
+            *inv = softmax_unnormalised(row) * out_scale;
         }
         if o.cs == 1 || dv == 1 {
             product(sc.s.as_ptr(), l2, vp, ldv, o.ptr as *mut f32, o.rs, l, l2, dv, Some(&sc.inv));
@@ -886,7 +895,7 @@ mod tests {
             let m = |p: &[f32], rs: usize| Mat { ptr: p.as_ptr(), rs, cs: 1 };
             for h in 0..bh {
                 let o = Mat { ptr: got[h * l * dv..].as_mut_ptr(), rs: dv, cs: 1 };
-                unsafe { slice_portable(m(&a[h * l * d..], d), m(&b[h * d * l2..], l2), m(&v[h * l2 * dv..], dv), o, (l, d, l2, dv), 1.0, &mut Scratch::default()) };
+                unsafe { slice_portable(m(&a[h * l * d..], d), m(&b[h * d * l2..], l2), m(&v[h * l2 * dv..], dv), o, (l, d, l2, dv), (1.0, 1.0), &mut Scratch::default()) };
             }
             close(&got, &want, &format!("portable {dims:?}"));
         }
@@ -930,7 +939,7 @@ mod tests {
             let buffer = View::natural(&[l, heads, dh]);
             let out = View { shape: tvec![heads, l, dh], strides: tvec![buffer.strides[1], buffer.strides[0], 1], offset: 0 };
             let shape: TVec<usize> = tvec![l, 1, 3 * w];
-            let layout = Layout { sources: [shape.clone(), shape.clone(), shape], operands: [q, k, v], out_shape: tvec![l, heads, dh], out, scale: scale.to_bits() };
+            let layout = Layout { sources: [shape.clone(), shape.clone(), shape], operands: [q, k, v], out_shape: tvec![l, heads, dh], out, scale: scale.to_bits(), out_scale: 1f32.to_bits() };
             layout.check().unwrap();
             for pool in [None, Some(&pool)] {
                 let mut got = vec![f32::NAN; want.len()];
@@ -1023,8 +1032,8 @@ mod tests {
     }
 
     /// The layout of open_clip's export: q, k and v gathered from one projection output of
-    /// [l, batch, 3·width], split into heads, the scores scaled, the result put back to
-    /// [l, width]. With the rewrite and [`absorb_layouts`], none of the reshapes, moves,
+    /// [l, batch, 3·width], split into heads, the scores scaled (and v: that scales the result),
+    /// the result put back to [l, width]. With the rewrite and [`absorb_layouts`], none of the reshapes, moves,
     /// gathers or scalings is left in the plan, and the outputs are tract's.
     #[test]
     fn export_layout_is_read_in_place() {
@@ -1054,7 +1063,8 @@ mod tests {
             node("Mul", &["kt", "scale"], "kts", vec![]),
             node("MatMul", &["qs", "kts"], "s", vec![]),
             node("Softmax", &["s"], "p", vec![int("axis", -1)]),
-            node("MatMul", &["p", "v2"], "y", vec![]),
+            node("Mul", &["v2", "vscale"], "vs", vec![]),
+            node("MatMul", &["p", "vs"], "y", vec![]),
             node("Transpose", &["y"], "yt", vec![ints("perm", &[1, 0, 2])]),
             node("Reshape", &["yt", "s2"], "out", vec![]),
         ]);
@@ -1063,6 +1073,7 @@ mod tests {
             node: nodes,
             initializer: vec![
                 tensor("scale", &[], &[0.59]),
+                tensor("vscale", &[], &[-1.7]),
                 ints_tensor("s4", &[l, 1, 3, w]),
                 ints_tensor("s3", &[l, heads, dh]),
                 ints_tensor("s2", &[l, w]),

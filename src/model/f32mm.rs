@@ -492,10 +492,17 @@ impl TypedOp for PatchEmbed {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let x = inputs[0];
         ensure!(x.datum_type == f32::datum_type() && x.rank() == 4, "PatchEmbed takes f32 [N, C, H, W], got {x:?}");
-        let (h, w) = (x.shape[2].to_usize(), x.shape[3].to_usize());
-        let (Ok(h), Ok(w)) = (h, w) else { bail!("PatchEmbed needs a fixed image size, got {:?}", x.shape) };
-        let (gh, gw) = self.grid(h, w).with_context(|| format!("PatchEmbed: image {h}x{w} under one {}x{} patch", self.kh, self.kw))?;
-        Ok(tvec!(f32::fact([x.shape[0].clone(), self.w.n.to_dim(), gh.to_dim(), gw.to_dim()])))
+        // (d - k) / k + 1 patches along a side of d; checked at eval where d is symbolic
+        let side = |d: &TDim, k: usize| -> TractResult<TDim> {
+            match d.to_usize() {
+                Ok(v) => {
+                    ensure!(v >= k, "PatchEmbed: image side {v} under the patch's {k}");
+                    Ok(((v - k) / k + 1).to_dim())
+                }
+                Err(_) => Ok((d.clone() - k as i64) / k as i64 + 1),
+            }
+        };
+        Ok(tvec!(f32::fact([x.shape[0].clone(), self.w.n.to_dim(), side(&x.shape[2], self.kh)?, side(&x.shape[3], self.kw)?])))
     }
 
     as_op!();
