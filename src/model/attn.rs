@@ -609,10 +609,20 @@ unsafe fn contiguous_rows(m: Mat, rows: usize, cols: usize, buf: &mut Vec<f32>) 
         return (m.ptr, m.rs);
     }
     buf.clear();
-    buf.reserve(rows * cols);
-    for i in 0..rows {
+    buf.resize(rows * cols, 0.0);
+    if m.rs < m.cs {
+        // (k as the projection wrote it: read its contiguous rows, each written down a column;
+        // the other order misses L1 on every read once l2 rows exceed it, as an L/14's 257 do)
         for j in 0..cols {
-            buf.push(*m.ptr.add(i * m.rs + j * m.cs));
+            for i in 0..rows {
+                *buf.get_unchecked_mut(i * cols + j) = *m.ptr.add(i * m.rs + j * m.cs);
+            }
+        }
+    } else {
+        for i in 0..rows {
+            for j in 0..cols {
+                *buf.get_unchecked_mut(i * cols + j) = *m.ptr.add(i * m.rs + j * m.cs);
+            }
         }
     }
     (buf.as_ptr(), cols)
@@ -947,6 +957,26 @@ mod tests {
                 // back to [heads, l, dh]
                 let got: Vec<f32> = (0..heads * l * dh).map(|i| got[((i / dh) % l * heads + i / (l * dh)) * dh + i % dh]).collect();
                 close(&got, &want, &format!("{l} tokens, {heads} heads of {dh}"));
+            }
+        }
+    }
+
+    /// Operands without contiguous rows are copied in either loop order, whichever stride is
+    /// the unit one.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn strided_operands_copy_to_contiguous_rows() {
+        let src: Vec<f32> = (0..7 * 5).map(|i| i as f32).collect();
+        // [7, 5] read as its transpose [5, 7] (rows stride 1, columns stride 5), and every other
+        // row of [7, 5] with every other column (rows stride 10, columns stride 2)
+        for (m, rows, cols) in [(Mat { ptr: src.as_ptr(), rs: 1, cs: 5 }, 5, 7), (Mat { ptr: src.as_ptr(), rs: 10, cs: 2 }, 4, 3)] {
+            let mut buf = Vec::new();
+            let (p, ld) = unsafe { contiguous_rows(m, rows, cols, &mut buf) };
+            assert_eq!(ld, cols);
+            for i in 0..rows {
+                for j in 0..cols {
+                    assert_eq!(unsafe { *p.add(i * ld + j) }, src[i * m.rs + j * m.cs], "({i}, {j})");
+                }
             }
         }
     }
