@@ -8,6 +8,13 @@
 //! read only by the next op) into one `CocaAttention(q, kᵀ, v)` node; [`Attention`] computes each
 //! (batch, head) slice row by row in registers and L1 (scores, a vectorised exp, the weighted sum
 //! of v), with the slices split over the executor's threads.
+//!
+//! tract then surrounds the op with copies: the export cuts q, k and v out of one projection
+//! output with reshapes, transposes, gathers and scalar scalings, and puts the result back in
+//! token order with another transpose (six copies per block). After tract's optimisation,
+//! [`absorb_layouts`] traces each operand back through those ops to the buffer it was cut from,
+//! and the op reads it there through a strided [`View`] (scalings folded into the scores' or the
+//! result's factor) and writes its result in the order of the transposes after it.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{ModelProto, NodeProto};

@@ -87,6 +87,7 @@ pub fn load_onnx_with(path: &Path, f32_products: bool) -> TractResult<InferenceM
     }
     Ok(parsed.model)
 }
+
 /// tract's optimisation, then our attention op's operands read where tract's layout ops would
 /// have copied them from ([`attn::absorb_layouts`]), residual adds made as our products store
 /// their tiles ([`f32mm::fuse_residual_adds`]) and GELUs split over the threads

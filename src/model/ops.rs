@@ -1,5 +1,5 @@
-//! Two ONNX ops that tract 0.23.9 runs far below memory speed in our graphs, replaced at parse
-//! time by ops written here (the graphs stay standard ONNX that onnxruntime runs unchanged):
+//! ONNX ops that tract 0.23.9 runs far below memory speed in our graphs, replaced by ops
+//! written here (the graphs stay standard ONNX that onnxruntime runs unchanged). At parse time:
 //!
 //! - `LayerNormalization`: tract decomposes it into Reduce<Sum>, a broadcast Sub and RmsNorm.
 //!   After its axis optimiser has made the token axis innermost ([1, width, tokens]), the Sub
@@ -10,6 +10,10 @@
 //! - `QuantizeLinear` with a per-tensor scale and an int8 zero point (the int8 graphs of
 //!   models/export/quantize.py): tract's op rounds with a branchy scalar routine (12 ms per B/32
 //!   image), its f32 -> i8 Cast is no faster. [`QuantizeI8`] is one branch-free loop.
+//!
+//! And after tract's optimisation ([`parallel_gelu`], called by `model::optimize`):
+//! - tract's exact GELU runs on one thread like all its element-wise ops; [`GeluParallel`] is
+//!   the same formula with tract-linalg's erf kernel, in even shares over the executor's threads.
 //!
 //! Anything else (per-axis quantization, LayerNorm with extra outputs) keeps tract's own
 //! translation; LayerNorm parameters that are not constants are applied by tract's ops. Both ops declare the natural axes mapping and follow axis changes, like tract's
