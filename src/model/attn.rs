@@ -1009,15 +1009,12 @@ mod tests {
     /// runs the same with and without the rewrite.
     #[test]
     fn fused_graph_computes_what_the_onnx_graph_does() {
-        use super::super::test_proto::{model, node, value_info as vi};
-        use prost::Message;
+        use super::super::test_proto::{attr_int as int, attr_ints as ints, model, node, value_info as vi, write_model};
         use tract_onnx::pb;
         if !super::super::f32mm::supported() {
             eprintln!("skipped: this CPU has no AVX-512F (the rewrite is not made)");
             return;
         }
-        let ints = |name: &str, v: &[i64]| pb::AttributeProto { name: name.into(), r#type: 7, ints: v.to_vec(), ..Default::default() };
-        let int = |name: &str, i: i64| pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() };
         let scale = super::super::test_proto::tensor("scale", &[], &[0.35]);
         let (b, h, l, d) = (1i64, 3i64, 7i64, 8i64);
         let graph = pb::GraphProto {
@@ -1041,9 +1038,7 @@ mod tests {
         let model = model(graph);
         let mut proto = model.clone();
         assert_eq!(fuse_attention(&mut proto), 1, "the chain whose scores are an output stays");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.onnx");
-        std::fs::write(&path, model.encode_to_vec()).unwrap();
+        let (_dir, path) = write_model(&model);
         let n = (b * h * l * d) as usize;
         let input = |seed: usize| -> TValue {
             let v: Vec<f32> = (0..n).map(|i| (((i * 29 + seed * 13) % 83) as f32 - 41.0) / 20.0).collect();
@@ -1074,15 +1069,12 @@ mod tests {
     /// gathers or scalings is left in the plan, and the outputs are tract's.
     #[test]
     fn export_layout_is_read_in_place() {
-        use super::super::test_proto::{ints_tensor, model, node, tensor, value_info as vi};
-        use prost::Message;
+        use super::super::test_proto::{attr_int as int, attr_ints as ints, ints_tensor, model, node, tensor, value_info as vi, write_model};
         use tract_onnx::pb;
         if !super::super::f32mm::supported() {
             eprintln!("skipped: this CPU has no AVX-512F (the rewrite is not made)");
             return;
         }
-        let ints = |name: &str, v: &[i64]| pb::AttributeProto { name: name.into(), r#type: 7, ints: v.to_vec(), ..Default::default() };
-        let int = |name: &str, i: i64| pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() };
         let (l, heads, dh) = (9i64, 3i64, 8i64);
         let w = heads * dh;
         let mut nodes = vec![
@@ -1127,9 +1119,7 @@ mod tests {
         for t in model.graph.as_mut().unwrap().initializer.iter_mut().filter(|t| t.name.starts_with('i')) {
             t.dims.clear();
         }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.onnx");
-        std::fs::write(&path, model.encode_to_vec()).unwrap();
+        let (_dir, path) = write_model(&model);
         let x: Vec<f32> = data((l * 3 * w) as usize, 5);
         let run = |ours: bool| -> (Vec<f32>, Vec<String>) {
             let typed = super::super::load_onnx_with(&path, ours).unwrap().into_typed().unwrap();

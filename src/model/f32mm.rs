@@ -354,20 +354,22 @@ pub fn fuse_f32_weights(proto: &mut ModelProto) -> Fused {
     Fused { products: fused, with_bias }
 }
 
-pub fn parse(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+/// The packed weights a fused node names (its "weights" attribute), from the table of the graph
+/// being parsed.
+fn packed_weights(node: &NodeProto) -> TractResult<Arc<PackedF32>> {
     let key = node.attribute.iter().find(|a| a.name == "weights").map(|a| String::from_utf8_lossy(&a.s).into_owned());
-    let w = key
-        .and_then(|k| PACKED.with_borrow(|t| t.get(&k).cloned()))
-        .with_context(|| format!("{FUSED_OP} node '{}' without its weights (made by coca-edge's loader only)", node.name))?;
+    key.and_then(|k| PACKED.with_borrow(|t| t.get(&k).cloned()))
+        .with_context(|| format!("{} node '{}' without its weights (made by coca-edge's loader only)", node.op_type, node.name))
+}
+
+pub fn parse(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let w = packed_weights(node)?;
     ensure!(node.input.len() == 1, "{FUSED_OP} takes one input");
     Ok((expand(WeightProduct { w }), vec![]))
 }
 
 pub fn parse_patches(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let key = node.attribute.iter().find(|a| a.name == "weights").map(|a| String::from_utf8_lossy(&a.s).into_owned());
-    let w = key
-        .and_then(|k| PACKED.with_borrow(|t| t.get(&k).cloned()))
-        .with_context(|| format!("{PATCH_OP} node '{}' without its weights (made by coca-edge's loader only)", node.name))?;
+    let w = packed_weights(node)?;
     let kernel = node.attribute.iter().find(|a| a.name == "kernel").map(|a| a.ints.clone()).unwrap_or_default();
     ensure!(node.input.len() == 1 && kernel.len() == 2 && kernel.iter().all(|&k| k > 0), "{PATCH_OP} takes one input and a kernel");
     let (kh, kw) = (kernel[0] as usize, kernel[1] as usize);
@@ -883,15 +885,13 @@ mod tests {
     /// its Add stays) runs the same with and without it.
     #[test]
     fn fused_graph_computes_what_the_onnx_graph_does() {
-        use super::super::test_proto::{model, node, tensor, value_info};
-        use prost::Message;
+        use super::super::test_proto::{attr_int as attr_i, model, node, tensor, value_info, write_model};
         if !supported() {
             eprintln!("skipped: this CPU has no AVX-512F (the op is never fused here)");
             return;
         }
         let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 40.0).collect() };
         let (m, k, n, n2) = (6usize, 40usize, 70usize, 33usize);
-        let attr_i = |name: &str, i: i64| pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() };
         let graph = pb::GraphProto {
             name: "g".into(),
             node: vec![
@@ -934,9 +934,7 @@ mod tests {
         assert!(g.initializer.iter().all(|t| t.name == "b3"), "weights and folded biases leave the protobuf");
         drop(fused);
 
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.onnx");
-        std::fs::write(&path, model.encode_to_vec()).unwrap();
+        let (_dir, path) = write_model(&model);
         let x = tract_ndarray::Array2::from_shape_vec((m, k), vals(m * k, 7)).unwrap();
         let r = tract_ndarray::Array2::from_shape_vec((m, n), vals(m * n, 8)).unwrap();
         let run = |ours: bool| -> Vec<Vec<f32>> {
@@ -965,14 +963,12 @@ mod tests {
     /// rewrite; a padded one is left to tract.
     #[test]
     fn patch_convolutions_compute_what_the_onnx_conv_does() {
-        use super::super::test_proto::{model, node, tensor, value_info};
-        use prost::Message;
+        use super::super::test_proto::{attr_ints as ints, model, node, tensor, value_info, write_model};
         if !supported() {
             eprintln!("skipped: this CPU has no AVX-512F (the op is never fused here)");
             return;
         }
         let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 40.0).collect() };
-        let ints = |name: &str, v: &[i64]| pb::AttributeProto { name: name.into(), r#type: 7, ints: v.to_vec(), ..Default::default() };
         let (b, c, h, w, o) = (2i64, 3i64, 13i64, 11i64, 37i64);
         let graph = pb::GraphProto {
             name: "g".into(),
@@ -995,9 +991,7 @@ mod tests {
         let fused = fuse_f32_weights(&mut proto);
         assert_eq!((fused.products, fused.with_bias), (2, 1), "the two unpadded convolutions, one with its bias");
         drop(fused);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.onnx");
-        std::fs::write(&path, model.encode_to_vec()).unwrap();
+        let (_dir, path) = write_model(&model);
         let x = tract_ndarray::Array4::from_shape_vec((b as usize, c as usize, h as usize, w as usize), vals((b * c * h * w) as usize, 7)).unwrap();
         let run = |ours: bool| -> Vec<Vec<f32>> {
             let typed = super::super::load_onnx_with(&path, ours).unwrap().into_typed().unwrap();

@@ -51,6 +51,25 @@ pub fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::Attribut
     }
 }
 
+/// An integer attribute.
+pub fn attr_int(name: &str, i: i64) -> pb::AttributeProto {
+    pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() }
+}
+
+/// An attribute of integers.
+pub fn attr_ints(name: &str, v: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto { name: name.into(), r#type: 7, ints: v.to_vec(), ..Default::default() }
+}
+
+/// `model` written to `m.onnx` in a new temporary folder (kept while the returned guard lives).
+pub fn write_model(model: &pb::ModelProto) -> (tempfile::TempDir, std::path::PathBuf) {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.onnx");
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    (dir, path)
+}
+
 /// A model of `graph` at opset 17.
 pub fn model(graph: pb::GraphProto) -> pb::ModelProto {
     pb::ModelProto {
