@@ -79,9 +79,10 @@ impl BoardProfile {
 
     /// The built-in profile `name` or alias (see `boards/`).
     pub fn named(name: &str) -> Result<BoardProfile> {
-        Self::all().into_iter().find(|p| p.name == name || p.aliases.iter().any(|a| a == name)).ok_or_else(|| {
-            Error::InvalidArgument(format!("unknown board '{name}' (known: {}, or auto)", Self::names().join(", ")))
-        })
+        Self::all()
+            .into_iter()
+            .find(|p| p.name == name || p.aliases.iter().any(|a| a == name))
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown board '{name}' (known: {}, or auto)", Self::names().join(", "))))
     }
 
     pub fn names() -> Vec<String> {
@@ -110,11 +111,7 @@ impl BoardProfile {
                 return Some((p.clone(), Detected::Model(m.to_string())));
             }
         }
-        let part = cpuinfo?
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim() == "CPU part")
-            .map(|(_, v)| v.trim().to_ascii_lowercase())?;
+        let part = cpuinfo?.lines().filter_map(|l| l.split_once(':')).find(|(k, _)| k.trim() == "CPU part").map(|(_, v)| v.trim().to_ascii_lowercase())?;
         let p = all.into_iter().find(|p| p.cpu_parts.iter().any(|c| c.eq_ignore_ascii_case(&part)))?;
         Some((p, Detected::CpuPart(part)))
     }

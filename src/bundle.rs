@@ -186,18 +186,8 @@ impl Bundle {
         let dir = dir.as_ref().to_path_buf();
         match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(Error::Manifest {
-                    path: dir,
-                    message: "not a model bundle folder (it is a file)".into(),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::io(
-                    dir,
-                    std::io::Error::new(e.kind(), "model bundle folder not found"),
-                ))
-            }
+            Ok(_) => return Err(Error::Manifest { path: dir, message: "not a model bundle folder (it is a file)".into() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::io(dir, std::io::Error::new(e.kind(), "model bundle folder not found"))),
             Err(e) => return Err(Error::io(dir, e)),
         }
         let mpath = dir.join(MANIFEST);
@@ -237,10 +227,7 @@ impl Bundle {
 
     /// The graph spec named `graph`, or an error naming the manifest.
     pub fn graph(&self, graph: &str) -> Result<&GraphSpec> {
-        self.manifest.graphs.get(graph).ok_or_else(|| Error::Manifest {
-            path: self.dir.join(MANIFEST),
-            message: format!("no graph named '{graph}'"),
-        })
+        self.manifest.graphs.get(graph).ok_or_else(|| Error::Manifest { path: self.dir.join(MANIFEST), message: format!("no graph named '{graph}'") })
     }
 
     /// The precision `graph` is loaded at when `wanted` is asked for: `wanted` where the graph
@@ -299,10 +286,7 @@ impl Bundle {
         let spec = self.graph(graph)?;
         let file = spec.precisions.get(precision).ok_or_else(|| Error::Manifest {
             path: self.dir.join(MANIFEST),
-            message: format!(
-                "graph '{graph}' has no '{precision}' precision (available: {})",
-                spec.precisions.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
+            message: format!("graph '{graph}' has no '{precision}' precision (available: {})", spec.precisions.keys().cloned().collect::<Vec<_>>().join(", ")),
         })?;
         self.verified_path(file)
     }
@@ -310,10 +294,11 @@ impl Bundle {
     /// Check `name`'s size and sha256 against the manifest and return its path.
     pub fn verified_path(&self, name: &str) -> Result<PathBuf> {
         let path = self.dir.join(name);
-        let spec = self.manifest.files.get(name).ok_or_else(|| Error::Manifest {
-            path: self.dir.join(MANIFEST),
-            message: format!("file '{name}' is used but not listed in 'files'"),
-        })?;
+        let spec = self
+            .manifest
+            .files
+            .get(name)
+            .ok_or_else(|| Error::Manifest { path: self.dir.join(MANIFEST), message: format!("file '{name}' is used but not listed in 'files'") })?;
         let meta = std::fs::metadata(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::io(&path, std::io::Error::new(e.kind(), "bundle file missing"))
@@ -324,19 +309,12 @@ impl Bundle {
         if meta.len() != spec.size {
             return Err(Error::Integrity {
                 path,
-                message: format!(
-                    "size {} does not match the manifest's {} (truncated or replaced file)",
-                    meta.len(),
-                    spec.size
-                ),
+                message: format!("size {} does not match the manifest's {} (truncated or replaced file)", meta.len(), spec.size),
             });
         }
         let digest = self.digest(&path, &meta)?;
         if !digest.eq_ignore_ascii_case(&spec.sha256) {
-            return Err(Error::Integrity {
-                path,
-                message: format!("sha256 {digest} does not match the manifest's {} (corrupt file)", spec.sha256),
-            });
+            return Err(Error::Integrity { path, message: format!("sha256 {digest} does not match the manifest's {} (corrupt file)", spec.sha256) });
         }
         Ok(path)
     }
@@ -388,16 +366,12 @@ fn file_stamp(path: &Path, meta: &std::fs::Metadata) -> String {
 fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest> {
     let bad = |message: String| Error::Manifest { path: path.to_path_buf(), message };
     // Read format and version first, so a newer manifest gets a version error, not a field error.
-    let value: serde_json::Value =
-        serde_json::from_slice(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
     if format != FORMAT {
         return Err(bad(format!("'format' is '{format}', expected '{FORMAT}'")));
     }
-    let version = value
-        .get("format_version")
-        .and_then(|v| v.as_u64())
-        .ok_or_else(|| bad("'format_version' missing or not a number".into()))?;
+    let version = value.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| bad("'format_version' missing or not a number".into()))?;
     if version != FORMAT_VERSION {
         return Err(Error::FormatVersion { path: path.to_path_buf(), found: version, supported: FORMAT_VERSION });
     }
@@ -441,8 +415,7 @@ fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest> {
 /// derived from the f32 graphs. Adding variants to a bundle keeps its id, so heads trained on
 /// it stay valid; caches that depend on the precision key on it separately.
 fn bundle_id(m: &Manifest) -> String {
-    let f32_files: std::collections::BTreeSet<&String> =
-        m.graphs.values().filter_map(|g| g.precisions.get("f32")).collect();
+    let f32_files: std::collections::BTreeSet<&String> = m.graphs.values().filter_map(|g| g.precisions.get("f32")).collect();
     // only variants of graphs that also ship in f32: a graph shipped in int8 alone is the model
     let variants: std::collections::BTreeSet<&String> = m
         .graphs

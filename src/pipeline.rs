@@ -51,16 +51,16 @@ impl Pipeline {
         let bundle = Bundle::open(dir)?.with_digest_cache(opts.cache_dir.clone());
         let m = bundle.manifest();
         let vocab = bundle.verified_path(&m.text.vocab)?;
-        let clean: Clean = m.text.clean.parse().map_err(|e: Error| Error::Manifest {
-            path: bundle.dir().join(crate::bundle::MANIFEST),
-            message: format!("text.clean: {e}"),
-        })?;
+        let clean: Clean = m
+            .text
+            .clean
+            .parse()
+            .map_err(|e: Error| Error::Manifest { path: bundle.dir().join(crate::bundle::MANIFEST), message: format!("text.clean: {e}") })?;
         let mut tokenizer = Tokenizer::from_gz_file(&vocab)?.with_clean(clean);
         if let Some(map) = &m.text.vocab_map {
-            tokenizer = tokenizer.with_vocab_map(map.clone()).map_err(|message| Error::Manifest {
-                path: bundle.dir().join(crate::bundle::MANIFEST),
-                message: format!("text.vocab_map: {message}"),
-            })?;
+            tokenizer = tokenizer
+                .with_vocab_map(map.clone())
+                .map_err(|message| Error::Manifest { path: bundle.dir().join(crate::bundle::MANIFEST), message: format!("text.vocab_map: {message}") })?;
         }
         if tokenizer.vocab_size() != m.text.vocab_size || tokenizer.sot() != m.text.sot || tokenizer.eot() != m.text.eot {
             return Err(Error::Vocab {
@@ -79,10 +79,7 @@ impl Pipeline {
         if m.image.interpolation != "bicubic" || m.image.resize_mode != "shortest" {
             return Err(Error::Manifest {
                 path: bundle.dir().join(crate::bundle::MANIFEST),
-                message: format!(
-                    "preprocessing '{}' / '{}' is not supported (bicubic / shortest is)",
-                    m.image.interpolation, m.image.resize_mode
-                ),
+                message: format!("preprocessing '{}' / '{}' is not supported (bicubic / shortest is)", m.image.interpolation, m.image.resize_mode),
             });
         }
         let image = ImageEncoder::load(&bundle, &opts.engine)?;
@@ -276,12 +273,18 @@ impl Pipeline {
         if h.kind == crate::head::HeadKind::AttentionalPooler {
             let want = self.bundle.manifest().dims.frozen_tokens;
             if want != Some([h.tokens.unwrap_or(0), h.dim]) {
-                return Err(Error::Labels { what: path.display().to_string(), message: format!("head reads {:?}x{} frozen tokens, the model offers {want:?}", h.tokens, h.dim) });
+                return Err(Error::Labels {
+                    what: path.display().to_string(),
+                    message: format!("head reads {:?}x{} frozen tokens, the model offers {want:?}", h.tokens, h.dim),
+                });
             }
             return Ok(h);
         }
         if h.dim != self.bundle.manifest().dims.embed_dim {
-            return Err(Error::Labels { what: path.display().to_string(), message: format!("head is for {}-dim embeddings, the model has {}", h.dim, self.bundle.manifest().dims.embed_dim) });
+            return Err(Error::Labels {
+                what: path.display().to_string(),
+                message: format!("head is for {}-dim embeddings, the model has {}", h.dim, self.bundle.manifest().dims.embed_dim),
+            });
         }
         Ok(h)
     }
@@ -305,5 +308,4 @@ impl Pipeline {
         head.bundle_name = self.bundle.manifest().name.clone();
         Ok((head, report, emb))
     }
-
 }

@@ -63,12 +63,7 @@ fn built() -> &'static Path {
 fn committed_header_matches_cbindgen() {
     let config = cbindgen::Config::from_file(root().join("cbindgen.toml")).unwrap();
     let mut generated = Vec::new();
-    cbindgen::Builder::new()
-        .with_src(root().join("src/ffi.rs"))
-        .with_config(config)
-        .generate()
-        .expect("cbindgen generates the header")
-        .write(&mut generated);
+    cbindgen::Builder::new().with_src(root().join("src/ffi.rs")).with_config(config).generate().expect("cbindgen generates the header").write(&mut generated);
     let path = root().join("include/coca_edge.h");
     if std::env::var_os("COCA_UPDATE_HEADER").is_some() {
         std::fs::write(&path, &generated).unwrap();
@@ -161,7 +156,8 @@ fn heads() -> (PathBuf, PathBuf) {
             let dir = root().join("target/c-abi-heads");
             let _ = std::fs::remove_dir_all(&dir);
             let imgs = root().join("tests/fixtures/images");
-            let mut photos: Vec<PathBuf> = std::fs::read_dir(&imgs).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
+            let mut photos: Vec<PathBuf> =
+                std::fs::read_dir(&imgs).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
             photos.sort();
             let ds = Dataset { classes: vec!["a".into(), "b".into()], items: photos.iter().take(4).enumerate().map(|(i, p)| (p.clone(), i % 2)).collect() };
             let p = coca_edge::Pipeline::open(root().join(coca_edge::TEST_BUNDLE), Default::default()).unwrap();
@@ -187,7 +183,16 @@ fn c_misuse_gets_status_codes_never_a_crash() {
 #[test]
 fn c_misuse_is_clean_under_valgrind() {
     let supp = format!("--suppressions={}", root().join("tests/c/valgrind.supp").display());
-    let args = ["valgrind", &supp, "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect", "--show-leak-kinds=definite,indirect", "--show-possibly-lost=no", "--quiet"];
+    let args = [
+        "valgrind",
+        &supp,
+        "--error-exitcode=99",
+        "--leak-check=full",
+        "--errors-for-leak-kinds=definite,indirect",
+        "--show-leak-kinds=definite,indirect",
+        "--show-possibly-lost=no",
+        "--quiet",
+    ];
     let out = run_misuse(Some(&args));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "valgrind reported problems (exit {:?}):\n{stderr}", out.status.code());

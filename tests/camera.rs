@@ -130,10 +130,8 @@ fn pull(cam: &mut dyn FrameSource) -> Got {
 #[test]
 fn frames_gaps_short_frames_timeouts_and_an_unplug() {
     use Ev::*;
-    let (dev, log) = Fake::new(
-        vec![Open, Frame(0, 16), Timeout, Frame(1, 235), Frame(4, 16), Short(5), Unplug, OpenFails, OpenFails, Open, Frame(0, 235)],
-        Timeout,
-    );
+    let (dev, log) =
+        Fake::new(vec![Open, Frame(0, 16), Timeout, Frame(1, 235), Frame(4, 16), Short(5), Unplug, OpenFails, OpenFails, Open, Frame(0, 235)], Timeout);
     let mut cam = Camera::new(dev, quick(), Default::default());
     cam.open().unwrap();
     let got: Vec<Got> = (0..10).map(|_| pull(&mut cam)).collect();

@@ -106,9 +106,7 @@ fn print_tally(title: &str, tally: &Tally) {
     eprintln!("{:<22} {:>8} {:>8}", "metric", "test", "novel");
     let metrics: Vec<String> = tally.keys().map(|(_, m)| m.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     for m in &metrics {
-        let cell = |s: &str| {
-            tally.get(&(s.to_string(), m.clone())).map(|&(ok, n)| format!("{:.1}%", 100.0 * ok as f64 / n as f64)).unwrap_or_default()
-        };
+        let cell = |s: &str| tally.get(&(s.to_string(), m.clone())).map(|&(ok, n)| format!("{:.1}%", 100.0 * ok as f64 / n as f64)).unwrap_or_default();
         eprintln!("{m:<22} {:>8} {:>8}", cell("test"), cell("novel"));
     }
 }

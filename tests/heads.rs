@@ -128,7 +128,8 @@ fn cli_trains_evaluates_and_applies_a_head_beside_labels() {
     assert!(e["accuracy"].as_f64().unwrap() > 0.7, "{e}");
 
     // classify with the head and zero-shot labels: one pass, both answers
-    let img = scenes.join(truth["items"].as_array().unwrap().iter().find(|i| i["split"] == "novel" && i["shape"] == "heart").unwrap()["file"].as_str().unwrap());
+    let img =
+        scenes.join(truth["items"].as_array().unwrap().iter().find(|i| i["split"] == "novel" && i["shape"] == "heart").unwrap()["file"].as_str().unwrap());
     let out = coca(&["classify", img.to_str().unwrap(), "--head", head.to_str().unwrap(), "--labels", "circle,star,heart", "--json", "--top-k", "3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -52,8 +52,7 @@ fn goldens() -> Vec<Golden> {
 }
 
 fn load(file: &str) -> DecodedImage {
-    vision::load_image(&fixtures().join("images").join(file), &DecodeLimits::default())
-        .unwrap_or_else(|e| panic!("{file}: {e}"))
+    vision::load_image(&fixtures().join("images").join(file), &DecodeLimits::default()).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 #[test]
@@ -73,14 +72,7 @@ fn preprocess_u8_matches_open_clip() {
             max = max.max(a.abs_diff(b));
             differing += (a != b) as usize;
         }
-        println!(
-            "{:28} {:5} {:>4}x{:<4} max abs diff {max} levels, {differing}/{} values differ",
-            g.file,
-            g.mode,
-            g.size.0,
-            g.size.1,
-            ours.len()
-        );
+        println!("{:28} {:5} {:>4}x{:<4} max abs diff {max} levels, {differing}/{} values differ", g.file, g.mode, g.size.0, g.size.1, ours.len());
         if max != 0 {
             failures.push(format!("{}: max abs diff {max} levels, {differing} values differ", g.file));
         }
@@ -182,16 +174,7 @@ fn huge_png_header_is_refused_before_allocating() {
 #[test]
 fn limits_apply_to_every_format() {
     let tight = DecodeLimits { max_width: 100, max_height: 100, max_pixels: 10_000, max_bytes: 1 << 30 };
-    for file in [
-        "china.jpg",
-        "flower_progressive.jpg",
-        "chelsea.png",
-        "chelsea.gif",
-        "rocket.bmp",
-        "coffee.tif",
-        "chelsea_lossy.webp",
-        "coins.pgm",
-    ] {
+    for file in ["china.jpg", "flower_progressive.jpg", "chelsea.png", "chelsea.gif", "rocket.bmp", "coffee.tif", "chelsea_lossy.webp", "coins.pgm"] {
         let err = vision::load_image(&fixtures().join("images").join(file), &tight).unwrap_err().to_string();
         assert!(err.contains(file) && err.contains("over the 100x100 limit"), "{err}");
     }

@@ -94,7 +94,9 @@ fn label_pixels(rgb: &[u8]) -> usize {
 fn find_browser() -> Option<String> {
     let mut names: Vec<String> = std::env::var("CHROMIUM").ok().into_iter().collect();
     names.extend(["chromium", "chromium-browser", "google-chrome"].map(String::from));
-    names.into_iter().find(|n| std::process::Command::new(n).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false))
+    names
+        .into_iter()
+        .find(|n| std::process::Command::new(n).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false))
 }
 
 #[test]

@@ -61,7 +61,11 @@ fn a_slow_consumer_drops_stale_frames_and_queues_none() {
     let labels = vec!["cat".to_string(), "dog".to_string()];
     let set = p.label_set(&labels, &Templates::parse("a photo of a {}.", "t").unwrap(), |_, _| {}).unwrap();
     // captions on every frame make the consumer much slower than the source
-    let opts = StreamOptions { caption_every: 1, caption: coca_edge::caption::CaptionOptions { search: coca_edge::caption::Search::Greedy, ..Default::default() }, ..Default::default() };
+    let opts = StreamOptions {
+        caption_every: 1,
+        caption: coca_edge::caption::CaptionOptions { search: coca_edge::caption::Search::Greedy, ..Default::default() },
+        ..Default::default()
+    };
     let src = Fake { n: 400, next: 0, bad: vec![], delay: Duration::ZERO };
     let mut frames = Vec::new();
     let s = stream::run(&p, Box::new(src), Some(&set), &opts, &AtomicBool::new(false), |r, _| {
@@ -96,7 +100,12 @@ fn every_frame_mode_processes_all_and_bad_frames_are_counted() {
 #[test]
 fn captions_on_change_only_when_the_embedding_moves() {
     let p = pipeline();
-    let opts = StreamOptions { every_frame: true, caption_on_change: Some(0.5), caption: coca_edge::caption::CaptionOptions { search: coca_edge::caption::Search::Greedy, ..Default::default() }, ..Default::default() };
+    let opts = StreamOptions {
+        every_frame: true,
+        caption_on_change: Some(0.5),
+        caption: coca_edge::caption::CaptionOptions { search: coca_edge::caption::Search::Greedy, ..Default::default() },
+        ..Default::default()
+    };
     // identical frames: only the first is captioned
     struct Same(u64);
     impl FrameSource for Same {
@@ -183,7 +192,10 @@ fn check_schema(stdout: &str) -> (Vec<serde_json::Value>, serde_json::Value) {
 #[test]
 fn cli_streams_a_folder_a_y4m_file_and_raw_frames_from_a_pipe() {
     let folder = root().join("tests/fixtures/images");
-    let (code, out, err) = coca_stream(&[folder.to_str().unwrap(), "--labels", "cat,dog", "--every-frame", "--max-frames", "4", "--caption-every", "2", "--sampling", "greedy"], None);
+    let (code, out, err) = coca_stream(
+        &[folder.to_str().unwrap(), "--labels", "cat,dog", "--every-frame", "--max-frames", "4", "--caption-every", "2", "--sampling", "greedy"],
+        None,
+    );
     assert_eq!(code, 0, "{err}");
     let (lines, _) = check_schema(&out);
     assert_eq!(lines.len(), 4);

@@ -75,12 +75,7 @@ fn row(ids: &[i64]) -> String {
 
 /// Fail with every mismatch listed, not just the first.
 fn report(what: &str, total: usize, failures: &[String]) {
-    assert!(
-        failures.is_empty(),
-        "{} of {total} {what} differ from Python:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {total} {what} differ from Python:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -90,12 +85,7 @@ fn goldens_header() {
     assert_eq!(g.ftfy, "6.3.1");
     assert_eq!(g.context_length, 76);
     assert!(g.cases.len() >= 60, "only {} cases", g.cases.len());
-    assert!(
-        g.cases
-            .iter()
-            .any(|c| c.encoded.len() + 2 > g.context_length),
-        "no truncation case"
-    );
+    assert!(g.cases.iter().any(|c| c.encoded.len() + 2 > g.context_length), "no truncation case");
 }
 
 #[test]
@@ -106,26 +96,15 @@ fn cases_match_python() {
     for case in &g.cases {
         let got = tok.tokenize(&case.text, g.context_length);
         if got != case.ids {
-            failures.push(format!(
-                "{:?}: tokenize\n  python {}\n  rust   {}",
-                case.text,
-                row(&case.ids),
-                row(&got)
-            ));
+            failures.push(format!("{:?}: tokenize\n  python {}\n  rust   {}", case.text, row(&case.ids), row(&got)));
         }
         let encoded = tok.encode(&case.text);
         if encoded != case.encoded {
-            failures.push(format!(
-                "{:?}: encode\n  python {:?}\n  rust   {:?}",
-                case.text, case.encoded, encoded
-            ));
+            failures.push(format!("{:?}: encode\n  python {:?}\n  rust   {:?}", case.text, case.encoded, encoded));
         }
         let decoded = tok.decode(&encoded);
         if decoded != case.decoded {
-            failures.push(format!(
-                "{:?}: decode\n  python {:?}\n  rust   {:?}",
-                case.text, case.decoded, decoded
-            ));
+            failures.push(format!("{:?}: decode\n  python {:?}\n  rust   {:?}", case.text, case.decoded, decoded));
         }
     }
     report("cases", g.cases.len(), &failures);
@@ -136,19 +115,13 @@ fn clean_variants_match_python() {
     let g = goldens();
     let mut failures = Vec::new();
     let mut total = 0;
-    for (clean, cases) in [
-        (Clean::Whitespace, &g.clean_variants.whitespace),
-        (Clean::Canonicalize, &g.clean_variants.canonicalize),
-    ] {
+    for (clean, cases) in [(Clean::Whitespace, &g.clean_variants.whitespace), (Clean::Canonicalize, &g.clean_variants.canonicalize)] {
         let tok = load().with_clean(clean);
         total += cases.len();
         for case in cases {
             let encoded = tok.encode(&case.text);
             if encoded != case.encoded {
-                failures.push(format!(
-                    "{clean:?} {:?}\n  python {:?}\n  rust   {:?}",
-                    case.text, case.encoded, encoded
-                ));
+                failures.push(format!("{clean:?} {:?}\n  python {:?}\n  rust   {:?}", case.text, case.encoded, encoded));
             }
         }
     }
@@ -164,12 +137,7 @@ fn decode_matches_python() {
         .iter()
         .filter_map(|case| {
             let decoded = tok.decode(&case.ids);
-            (decoded != case.decoded).then(|| {
-                format!(
-                    "{:?}\n  python {:?}\n  rust   {:?}",
-                    case.ids, case.decoded, decoded
-                )
-            })
+            (decoded != case.decoded).then(|| format!("{:?}\n  python {:?}\n  rust   {:?}", case.ids, case.decoded, decoded))
         })
         .collect();
     report("decode cases", g.decode_cases.len(), &failures);
@@ -189,12 +157,7 @@ fn imagenet_prompts_match_python() {
     let again = tok.tokenize_batch(&texts, g.context_length);
     let warm = start.elapsed();
     assert_eq!(rows, again);
-    eprintln!(
-        "tokenized {} ImageNet prompts: {:.2} ms cold cache, {:.2} ms warm",
-        texts.len(),
-        cold.as_secs_f64() * 1e3,
-        warm.as_secs_f64() * 1e3
-    );
+    eprintln!("tokenized {} ImageNet prompts: {:.2} ms cold cache, {:.2} ms warm", texts.len(), cold.as_secs_f64() * 1e3, warm.as_secs_f64() * 1e3);
 
     let mut failures = Vec::new();
     for (prompt, row) in g.imagenet_prompts.iter().zip(rows.chunks(g.context_length)) {
@@ -206,12 +169,7 @@ fn imagenet_prompts_match_python() {
             .take(g.context_length)
             .collect();
         if n + 2 > g.context_length || row != expected.as_slice() {
-            failures.push(format!(
-                "{:?}\n  python {:?}\n  rust   {:?}",
-                prompt.text,
-                prompt.encoded,
-                tok.encode(&prompt.text)
-            ));
+            failures.push(format!("{:?}\n  python {:?}\n  rust   {:?}", prompt.text, prompt.encoded, tok.encode(&prompt.text)));
         }
     }
     report("ImageNet prompts", g.imagenet_prompts.len(), &failures);
@@ -223,15 +181,8 @@ fn known_differences_are_only_reported() {
     let tok = tokenizer();
     for case in &goldens().known_differences {
         let encoded = tok.encode(&case.text);
-        let verdict = if encoded == case.encoded {
-            "now matches"
-        } else {
-            "differs (known)"
-        };
-        eprintln!(
-            "{:?}: {verdict}: python {:?}, rust {:?}",
-            case.text, case.encoded, encoded
-        );
+        let verdict = if encoded == case.encoded { "now matches" } else { "differs (known)" };
+        eprintln!("{:?}: {verdict}: python {:?}, rust {:?}", case.text, case.encoded, encoded);
     }
 }
 

@@ -610,9 +610,23 @@ fn head_train_cmd(g: &Global, a: HeadTrainArgs) -> Result<ExitCode> {
         writeln!(std::io::stdout(), "{obj}")?;
     } else {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{} head, {} classes, {} images ({} skipped, {} embeddings from the cache)", serde_json::to_value(report.kind)?.as_str().unwrap_or("?"), head.classes.len(), emb.x.len(), emb.skipped.len(), emb.cached)?;
+        writeln!(
+            out,
+            "{} head, {} classes, {} images ({} skipped, {} embeddings from the cache)",
+            serde_json::to_value(report.kind)?.as_str().unwrap_or("?"),
+            head.classes.len(),
+            emb.x.len(),
+            emb.skipped.len(),
+            emb.cached
+        )?;
         match report.cv_accuracy {
-            Some(acc) => writeln!(out, "cross-validated accuracy {:.1}% ({} folds{})", acc * 100.0, report.folds, report.l2.map(|l| format!(", L2 {l}")).unwrap_or_default())?,
+            Some(acc) => writeln!(
+                out,
+                "cross-validated accuracy {:.1}% ({} folds{})",
+                acc * 100.0,
+                report.folds,
+                report.l2.map(|l| format!(", L2 {l}")).unwrap_or_default()
+            )?,
             None => writeln!(out, "no cross-validation: a class has a single image")?,
         }
         if !report.confusion.is_empty() {
@@ -652,7 +666,11 @@ fn head_eval_cmd(g: &Global, a: HeadEvalArgs) -> Result<ExitCode> {
     let correct: usize = (0..c).map(|k| confusion[k][k]).sum();
     let acc = correct as f64 / emb.x.len().max(1) as f64;
     if a.json {
-        writeln!(std::io::stdout(), "{}", serde_json::json!({"accuracy": acc, "images": emb.x.len(), "skipped": emb.skipped.len(), "classes": head.classes, "confusion": confusion}))?;
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::json!({"accuracy": acc, "images": emb.x.len(), "skipped": emb.skipped.len(), "classes": head.classes, "confusion": confusion})
+        )?;
     } else {
         let mut out = std::io::stdout().lock();
         writeln!(out, "accuracy {:.1}% on {} images ({} skipped)", acc * 100.0, emb.x.len(), emb.skipped.len())?;
@@ -784,11 +802,8 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
             None => writeln!(out, "captioning    not in this bundle (no decoder graphs)")?,
         }
         for (name, gs) in &m.graphs {
-            let precs: Vec<String> = gs
-                .precisions
-                .iter()
-                .map(|(prec, f)| format!("{prec}: {f} ({:.1} MB)", m.files.get(f).map(|s| s.size).unwrap_or(0) as f64 / 1e6))
-                .collect();
+            let precs: Vec<String> =
+                gs.precisions.iter().map(|(prec, f)| format!("{prec}: {f} ({:.1} MB)", m.files.get(f).map(|s| s.size).unwrap_or(0) as f64 / 1e6)).collect();
             writeln!(out, "graph         {name}: {}", precs.join(", "))?;
         }
     }
@@ -861,7 +876,8 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
         }
     }
     let m = p.bundle().manifest();
-    let graph_bytes: u64 = m.graphs.get("image_encoder").and_then(|g| g.precisions.get(&opts.precision)).and_then(|f| m.files.get(f)).map(|f| f.size).unwrap_or(0);
+    let graph_bytes: u64 =
+        m.graphs.get("image_encoder").and_then(|g| g.precisions.get(&opts.precision)).and_then(|f| m.files.get(f)).map(|f| f.size).unwrap_or(0);
     let peak_rss = peak_rss_bytes();
     let r = serde_json::json!({
         "caption": caption,
@@ -882,10 +898,23 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
     if a.json {
         writeln!(out, "{r}")?;
     } else {
-        writeln!(out, "model {} | threads {} | load {:.2} s | peak RSS {:.0} MB for {:.0} MB of image graph", r["model"].as_str().unwrap_or("?"), r["threads"], load_s,
-            peak_rss.unwrap_or(0) as f64 / 1e6, graph_bytes as f64 / 1e6)?;
-        writeln!(out, "median of {} runs: decode {:.2} ms, preprocess {:.2} ms, encoder {:.2} ms", a.runs,
-            r["decode_ms_median"].as_f64().unwrap_or(0.0), r["preprocess_ms_median"].as_f64().unwrap_or(0.0), r["encoder_ms_median"].as_f64().unwrap_or(0.0))?;
+        writeln!(
+            out,
+            "model {} | threads {} | load {:.2} s | peak RSS {:.0} MB for {:.0} MB of image graph",
+            r["model"].as_str().unwrap_or("?"),
+            r["threads"],
+            load_s,
+            peak_rss.unwrap_or(0) as f64 / 1e6,
+            graph_bytes as f64 / 1e6
+        )?;
+        writeln!(
+            out,
+            "median of {} runs: decode {:.2} ms, preprocess {:.2} ms, encoder {:.2} ms",
+            a.runs,
+            r["decode_ms_median"].as_f64().unwrap_or(0.0),
+            r["preprocess_ms_median"].as_f64().unwrap_or(0.0),
+            r["encoder_ms_median"].as_f64().unwrap_or(0.0)
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -954,8 +983,15 @@ fn describe_cmd(g: &Global, a: DescribeArgs) -> Result<ExitCode> {
             for s in &scores {
                 writeln!(out, "  {:.4}  {}", s.probability, s.label)?;
             }
-            writeln!(out, "  timings: decode {:.1} ms, preprocess {:.1} ms, encoder {:.1} ms, classify {:.2} ms, caption {:.1} ms",
-                ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4), ms(t4, t5))?;
+            writeln!(
+                out,
+                "  timings: decode {:.1} ms, preprocess {:.1} ms, encoder {:.1} ms, classify {:.2} ms, caption {:.1} ms",
+                ms(t0, t1),
+                ms(t1, t2),
+                ms(t2, t3),
+                ms(t3, t4),
+                ms(t4, t5)
+            )?;
         }
         out.flush()?;
     }

@@ -57,14 +57,7 @@ pub struct CaptionOptions {
 
 impl Default for CaptionOptions {
     fn default() -> Self {
-        CaptionOptions {
-            search: Search::Beam { beams: 6, groups: 3 },
-            max_tokens: 30,
-            min_tokens: 5,
-            temperature: 1.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        }
+        CaptionOptions { search: Search::Beam { beams: 6, groups: 3 }, max_tokens: 30, min_tokens: 5, temperature: 1.0, repetition_penalty: 1.0, seed: 0 }
     }
 }
 

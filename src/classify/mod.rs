@@ -38,10 +38,7 @@ impl Templates {
                 continue;
             }
             if t.matches("{}").count() != 1 {
-                return Err(Error::Labels {
-                    what: what.to_string(),
-                    message: format!("line {}: a template needs exactly one {{}} placeholder: '{t}'", i + 1),
-                });
+                return Err(Error::Labels { what: what.to_string(), message: format!("line {}: a template needs exactly one {{}} placeholder: '{t}'", i + 1) });
             }
             v.push(t.to_string());
         }
@@ -112,12 +109,7 @@ pub fn parse_label_list(list: &str) -> Result<Vec<String>> {
 /// Labels from a UTF-8 file, one per line; empty lines and `#` comments are skipped.
 pub fn read_label_file(path: &Path) -> Result<Vec<String>> {
     let text = read_utf8(path)?;
-    let labels: Vec<String> = text
-        .lines()
-        .map(|l| l.trim())
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect();
+    let labels: Vec<String> = text.lines().map(|l| l.trim()).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
     check_labels(labels, &path.display().to_string())
 }
 
@@ -180,20 +172,15 @@ impl LabelSet {
     /// Scores of every label for one L2-normalised image embedding, best first, `top_k` of them.
     pub fn classify(&self, image_embedding: &[f32], logit_scale: f32, top_k: usize) -> Result<Vec<Score>> {
         if image_embedding.len() != self.dim {
-            return Err(Error::InvalidArgument(format!(
-                "image embedding has {} values, label embeddings have {}",
-                image_embedding.len(),
-                self.dim
-            )));
+            return Err(Error::InvalidArgument(format!("image embedding has {} values, label embeddings have {}", image_embedding.len(), self.dim)));
         }
         let cos: Vec<f32> = (0..self.labels.len()).map(|i| dot(self.embedding(i), image_embedding)).collect();
         let logits: Vec<f32> = cos.iter().map(|c| logit_scale * c).collect();
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
         let sum: f32 = exps.iter().sum();
-        let mut scores: Vec<Score> = (0..self.labels.len())
-            .map(|i| Score { label: self.labels[i].clone(), index: i, probability: exps[i] / sum, cosine: cos[i] })
-            .collect();
+        let mut scores: Vec<Score> =
+            (0..self.labels.len()).map(|i| Score { label: self.labels[i].clone(), index: i, probability: exps[i] / sum, cosine: cos[i] }).collect();
         // stable: equal scores keep label order, like torch.topk on CPU for distinct values
         scores.sort_by(|a, b| b.cosine.total_cmp(&a.cosine).then(a.index.cmp(&b.index)));
         scores.truncate(top_k.max(1));

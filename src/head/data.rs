@@ -11,7 +11,6 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::pipeline::Pipeline;
 
-
 /// Classes and their images.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -45,8 +44,13 @@ impl Dataset {
         let mut classes = Vec::new();
         let mut items = Vec::new();
         for d in class_dirs {
-            let name = d.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::InvalidArgument(format!("{}: class folder names must be UTF-8", d.display())))?;
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| crate::source::is_image_file(p)).collect();
+            let name =
+                d.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::InvalidArgument(format!("{}: class folder names must be UTF-8", d.display())))?;
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&d)
+                .map_err(|e| Error::io(&d, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| crate::source::is_image_file(p))
+                .collect();
             files.sort();
             if files.is_empty() {
                 return Err(Error::InvalidArgument(format!("{}: class '{name}' has no images (jpg, png, ...)", d.display())));
@@ -68,9 +72,8 @@ impl Dataset {
             if line.trim().is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (class, path) = line.split_once('\t').ok_or_else(|| {
-                Error::InvalidArgument(format!("{}:{}: expected CLASS<TAB>PATH", list.display(), n + 1))
-            })?;
+            let (class, path) =
+                line.split_once('\t').ok_or_else(|| Error::InvalidArgument(format!("{}:{}: expected CLASS<TAB>PATH", list.display(), n + 1)))?;
             let class = class.trim();
             if class.is_empty() {
                 return Err(Error::InvalidArgument(format!("{}:{}: empty class name", list.display(), n + 1)));
@@ -100,7 +103,8 @@ pub struct Embedded {
 /// `progress(done, total)` after each image.
 pub fn embed_dataset(p: &Pipeline, ds: &Dataset, mut progress: impl FnMut(usize, usize)) -> Result<Embedded> {
     let dim = p.bundle().manifest().dims.embed_dim;
-    let cache = p.options().cache_dir.as_ref().map(|d| d.join("embeddings").join(p.bundle().id()).join(p.bundle().precision_key(&p.options().engine.precision)));
+    let cache =
+        p.options().cache_dir.as_ref().map(|d| d.join("embeddings").join(p.bundle().id()).join(p.bundle().precision_key(&p.options().engine.precision)));
     let mut out = Embedded { x: Vec::new(), y: Vec::new(), skipped: Vec::new(), cached: 0 };
     for (n, (path, k)) in ds.items.iter().enumerate() {
         progress(n, ds.items.len());

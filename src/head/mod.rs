@@ -39,7 +39,9 @@ impl std::str::FromStr for HeadKind {
         match s {
             "linear" => Ok(HeadKind::Linear),
             "prototype" => Ok(HeadKind::Prototype),
-            _ => Err(Error::InvalidArgument(format!("head kind '{s}': use linear or prototype (attentional-pooler heads are trained in PyTorch: models/train/train_ap_head.py)"))),
+            _ => Err(Error::InvalidArgument(format!(
+                "head kind '{s}': use linear or prototype (attentional-pooler heads are trained in PyTorch: models/train/train_ap_head.py)"
+            ))),
         }
     }
 }
@@ -164,12 +166,7 @@ impl Head {
         if embedding.len() != self.dim {
             return Err(Error::InvalidArgument(format!("head expects {}-dim embeddings, got {}", self.dim, embedding.len())));
         }
-        Ok(self
-            .weights
-            .chunks_exact(self.dim)
-            .zip(&self.bias)
-            .map(|(w, b)| self.scale * crate::classify::dot(w, embedding) + b)
-            .collect())
+        Ok(self.weights.chunks_exact(self.dim).zip(&self.bias).map(|(w, b)| self.scale * crate::classify::dot(w, embedding) + b).collect())
     }
 
     /// Classes with probabilities, most probable first.
@@ -178,7 +175,8 @@ impl Head {
         let p = softmax(&z);
         // `cosine` holds the class score before the softmax: the cosine to the class mean for a
         // prototype head, the logit / scale for a linear one
-        let mut s: Vec<Score> = p.iter().enumerate().map(|(i, &p)| Score { label: self.classes[i].clone(), index: i, probability: p, cosine: z[i] / self.scale }).collect();
+        let mut s: Vec<Score> =
+            p.iter().enumerate().map(|(i, &p)| Score { label: self.classes[i].clone(), index: i, probability: p, cosine: z[i] / self.scale }).collect();
         s.sort_by(|a, b| b.probability.total_cmp(&a.probability));
         s.truncate(top_k.max(1));
         Ok(s)

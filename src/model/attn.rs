@@ -131,10 +131,7 @@ impl Layout {
         let [a, b, v] = shapes;
         let r = a.len();
         ensure!(r >= 2 && b.len() == r && v.len() == r, "Attention: ranks {a:?} {b:?} {v:?}");
-        ensure!(
-            b[..r - 2] == a[..r - 2] && v[..r - 2] == a[..r - 2] && b[r - 2] == a[r - 1] && v[r - 2] == b[r - 1],
-            "Attention: shapes {a:?} {b:?} {v:?}"
-        );
+        ensure!(b[..r - 2] == a[..r - 2] && v[..r - 2] == a[..r - 2] && b[r - 2] == a[r - 1] && v[r - 2] == b[r - 1], "Attention: shapes {a:?} {b:?} {v:?}");
         let mut out_shape: TVec<usize> = a.into();
         out_shape[r - 1] = v[r - 1];
         Ok(Layout {
@@ -301,7 +298,9 @@ impl Op for Attention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(match &self.layout {
-            Some(l) => vec![format!("operands {:?}, output {:?}, scores x {}, result x {}", l.operands, l.out, f32::from_bits(l.scale), f32::from_bits(l.out_scale))],
+            Some(l) => {
+                vec![format!("operands {:?}, output {:?}, scores x {}, result x {}", l.operands, l.out, f32::from_bits(l.scale), f32::from_bits(l.out_scale))]
+            }
             None => vec![],
         })
     }
@@ -497,7 +496,11 @@ pub fn absorb_layouts(model: &mut TypedModel) -> TractResult<usize> {
         if trivial {
             continue;
         }
-        let shapes: Vec<TVec<usize>> = sources.iter().map(|&s| model.outlet_fact(s).ok().and_then(|f| f.shape.as_concrete().map(TVec::from))).collect::<Option<_>>().context("concrete")?;
+        let shapes: Vec<TVec<usize>> = sources
+            .iter()
+            .map(|&s| model.outlet_fact(s).ok().and_then(|f| f.shape.as_concrete().map(TVec::from)))
+            .collect::<Option<_>>()
+            .context("concrete")?;
         let layout = Layout {
             sources: [shapes[0].clone(), shapes[1].clone(), shapes[2].clone()],
             operands: [views[0].clone(), views[1].clone(), views[2].clone()],
@@ -738,7 +741,18 @@ mod x86 {
     /// ldy), each row of c times `scale[row]` when given.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn product(x: *const f32, ldx: usize, y: *const f32, ldy: usize, c: *mut f32, ldc: usize, rows: usize, k: usize, cols: usize, scale: Option<&[f32]>) {
+    unsafe fn product(
+        x: *const f32,
+        ldx: usize,
+        y: *const f32,
+        ldy: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        k: usize,
+        cols: usize,
+        scale: Option<&[f32]>,
+    ) {
         let mut j0 = 0;
         while j0 < cols {
             let w = NC.min(cols - j0);
@@ -771,19 +785,24 @@ mod x86 {
     /// R rows by up to 64 columns (`w`), over k.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize>(x: *const f32, ldx: usize, y: *const f32, ldy: usize, c: *mut f32, ldc: usize, k: usize, w: usize, scale: Option<*const f32>) {
+    unsafe fn block<const R: usize>(
+        x: *const f32,
+        ldx: usize,
+        y: *const f32,
+        ldy: usize,
+        c: *mut f32,
+        ldc: usize,
+        k: usize,
+        w: usize,
+        scale: Option<*const f32>,
+    ) {
         let m = [mask(w, 0), mask(w, 1), mask(w, 2), mask(w, 3)];
         let chunks = w.div_ceil(16);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         if chunks == 4 {
             for kk in 0..k {
                 let yr = y.add(kk * ldy);
-                let yv = [
-                    _mm512_loadu_ps(yr),
-                    _mm512_loadu_ps(yr.add(16)),
-                    _mm512_loadu_ps(yr.add(32)),
-                    _mm512_maskz_loadu_ps(m[3], yr.add(48)),
-                ];
+                let yv = [_mm512_loadu_ps(yr), _mm512_loadu_ps(yr.add(16)), _mm512_loadu_ps(yr.add(32)), _mm512_maskz_loadu_ps(m[3], yr.add(48))];
                 for r in 0..R {
                     let xv = _mm512_set1_ps(*x.add(r * ldx + kk));
                     for q in 0..4 {
@@ -870,7 +889,8 @@ mod tests {
         let mut out = vec![0f32; bh * l * dv];
         for h in 0..bh {
             for i in 0..l {
-                let s: Vec<f64> = (0..l2).map(|j| scale * (0..d).map(|k| a[(h * l + i) * d + k] as f64 * b[(h * d + k) * l2 + j] as f64).sum::<f64>()).collect();
+                let s: Vec<f64> =
+                    (0..l2).map(|j| scale * (0..d).map(|k| a[(h * l + i) * d + k] as f64 * b[(h * d + k) * l2 + j] as f64).sum::<f64>()).collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let sum: f64 = e.iter().sum();
@@ -912,7 +932,17 @@ mod tests {
             let m = |p: &[f32], rs: usize| Mat { ptr: p.as_ptr(), rs, cs: 1 };
             for h in 0..bh {
                 let o = Mat { ptr: got[h * l * dv..].as_mut_ptr(), rs: dv, cs: 1 };
-                unsafe { slice_portable(m(&a[h * l * d..], d), m(&b[h * d * l2..], l2), m(&v[h * l2 * dv..], dv), o, (l, d, l2, dv), (1.0, 1.0), &mut Scratch::default()) };
+                unsafe {
+                    slice_portable(
+                        m(&a[h * l * d..], d),
+                        m(&b[h * d * l2..], l2),
+                        m(&v[h * l2 * dv..], dv),
+                        o,
+                        (l, d, l2, dv),
+                        (1.0, 1.0),
+                        &mut Scratch::default(),
+                    )
+                };
             }
             close(&got, &want, &format!("portable {dims:?}"));
         }
@@ -956,7 +986,14 @@ mod tests {
             let buffer = View::natural(&[l, heads, dh]);
             let out = View { shape: tvec![heads, l, dh], strides: tvec![buffer.strides[1], buffer.strides[0], 1], offset: 0 };
             let shape: TVec<usize> = tvec![l, 1, 3 * w];
-            let layout = Layout { sources: [shape.clone(), shape.clone(), shape], operands: [q, k, v], out_shape: tvec![l, heads, dh], out, scale: scale.to_bits(), out_scale: 1f32.to_bits() };
+            let layout = Layout {
+                sources: [shape.clone(), shape.clone(), shape],
+                operands: [q, k, v],
+                out_shape: tvec![l, heads, dh],
+                out,
+                scale: scale.to_bits(),
+                out_scale: 1f32.to_bits(),
+            };
             layout.check().unwrap();
             for pool in [None, Some(&pool)] {
                 let mut got = vec![f32::NAN; want.len()];
@@ -1077,10 +1114,7 @@ mod tests {
         }
         let (l, heads, dh) = (9i64, 3i64, 8i64);
         let w = heads * dh;
-        let mut nodes = vec![
-            node("Reshape", &["x", "s4"], "x4", vec![]),
-            node("Transpose", &["x4"], "xt", vec![ints("perm", &[2, 0, 1, 3])]),
-        ];
+        let mut nodes = vec![node("Reshape", &["x", "s4"], "x4", vec![]), node("Transpose", &["x4"], "xt", vec![ints("perm", &[2, 0, 1, 3])])];
         for (i, n) in ["q", "k", "v"].iter().enumerate() {
             nodes.push(node("Gather", &["xt", ["i0", "i1", "i2"][i]], &format!("{n}0"), vec![int("axis", 0)]));
             nodes.push(node("Reshape", &[&format!("{n}0"), "s3"], &format!("{n}1"), vec![]));

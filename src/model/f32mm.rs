@@ -742,7 +742,6 @@ impl PackedF32 {
     }
 }
 
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::NB;
@@ -750,7 +749,17 @@ mod x86 {
 
     /// SAFETY: AVX-512F; see [`kernel`].
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn dispatch(rows: usize, a: *const f32, k: usize, w: *const f32, out: *mut f32, ldo: usize, cols: usize, bias: Option<*const f32>, res: *const f32) {
+    pub unsafe fn dispatch(
+        rows: usize,
+        a: *const f32,
+        k: usize,
+        w: *const f32,
+        out: *mut f32,
+        ldo: usize,
+        cols: usize,
+        bias: Option<*const f32>,
+        res: *const f32,
+    ) {
         let f = match rows {
             1 => kernel::<1>,
             2 => kernel::<2>,
@@ -787,13 +796,15 @@ mod x86 {
                 hi[r] = _mm512_fmadd_ps(av, w1, hi[r]);
             }
         }
-        let (b0, b1) = if bias.is_null() {
-            (_mm512_setzero_ps(), _mm512_setzero_ps())
-        } else {
-            (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)))
-        };
+        let (b0, b1) = if bias.is_null() { (_mm512_setzero_ps(), _mm512_setzero_ps()) } else { (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))) };
         let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
-        let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols <= 16 { 0 } else { ((1u32 << (cols - 16)) - 1) as u16 };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols <= 16 {
+            0
+        } else {
+            ((1u32 << (cols - 16)) - 1) as u16
+        };
         for r in 0..R {
             let o = out.add(r * ldo);
             let (mut l, mut h) = (_mm512_add_ps(lo[r], b0), _mm512_add_ps(hi[r], b1));

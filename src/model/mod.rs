@@ -373,15 +373,19 @@ fn datum_type(dtype: &str, path: &Path) -> Result<DatumType> {
         "i32" => i32::datum_type(),
         "u8" => u8::datum_type(),
         "i8" => i8::datum_type(),
-        other => {
-            return Err(Error::GraphMismatch { path: path.to_path_buf(), message: format!("unknown dtype '{other}' in manifest") })
-        }
+        other => return Err(Error::GraphMismatch { path: path.to_path_buf(), message: format!("unknown dtype '{other}' in manifest") }),
     })
 }
 
 /// Concrete shape of a manifest tensor with every symbolic dim set to `batch`.
 fn concrete_shape(spec: &TensorSpec, batch: usize) -> Vec<usize> {
-    spec.shape.iter().map(|d| match d { Dim::Fixed(n) => *n, Dim::Symbol(_) => batch }).collect()
+    spec.shape
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Symbol(_) => batch,
+        })
+        .collect()
 }
 
 /// How a graph's symbolic dims are fixed at load time: `Some(n)` fixes a symbol (e.g. "batch")
@@ -403,17 +407,13 @@ impl Graph {
         // our f32 products and attention in every graph (f32mm, attn; AVX-512 CPUs only): the
         // image encoder's many-row products are where tract's kernels fall behind, and the
         // decoder step's too (B/32, 2 threads: 6-beam step 47 -> 37 ms, 1-beam 28 -> 26 ms)
-        let mut model = load_onnx_with(&path, true).map_err(|e| {
-            Error::Engine { what: path.display().to_string(), message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))) }
+        let mut model = load_onnx_with(&path, true).map_err(|e| Error::Engine {
+            what: path.display().to_string(),
+            message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))),
         })?;
 
         // names and counts of inputs and outputs
-        let in_names: Vec<String> = model
-            .input_outlets()
-            .map_err(engine)?
-            .iter()
-            .map(|o| model.node(o.node).name.clone())
-            .collect();
+        let in_names: Vec<String> = model.input_outlets().map_err(engine)?.iter().map(|o| model.node(o.node).name.clone()).collect();
         let want_in: Vec<String> = spec.inputs.iter().map(|t| t.name.clone()).collect();
         if in_names != want_in {
             return Err(mismatch(format!("inputs are {in_names:?}, manifest says {want_in:?}")));
@@ -431,7 +431,13 @@ impl Graph {
 
         // the dims the manifest promises, with bound symbols resolved
         let expected = |t: &TensorSpec| -> Vec<Option<usize>> {
-            t.shape.iter().map(|d| match d { Dim::Fixed(n) => Some(*n), Dim::Symbol(s) => bind(s) }).collect()
+            t.shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => Some(*n),
+                    Dim::Symbol(s) => bind(s),
+                })
+                .collect()
         };
         // input facts: the declared dtype and rank must agree with the graph's own declaration
         for (ix, t) in spec.inputs.iter().enumerate() {
@@ -465,10 +471,7 @@ impl Graph {
             for (d, e) in t.shape.iter().zip(expected(t)) {
                 shape.push(match (d, e) {
                     (_, Some(n)) => n.to_dim(),
-                    (Dim::Symbol(s), None) => model
-                        .symbols
-                        .parse_tdim(s)
-                        .map_err(|e| mismatch(format!("input '{}': bad symbolic dim '{s}': {e}", t.name)))?,
+                    (Dim::Symbol(s), None) => model.symbols.parse_tdim(s).map_err(|e| mismatch(format!("input '{}': bad symbolic dim '{s}': {e}", t.name)))?,
                     (Dim::Fixed(n), None) => n.to_dim(),
                 });
             }
@@ -490,7 +493,8 @@ impl Graph {
             let fact = typed.output_fact(ix).map_err(engine)?;
             let want = expected(t);
             let got: Vec<Option<usize>> = fact.shape.iter().map(|d| d.to_i64().ok().map(|v| v as usize)).collect();
-            let ok = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| matches!((g, w), (Some(g), Some(w)) if g == w) || w.is_none() || g.is_none());
+            let ok =
+                got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| matches!((g, w), (Some(g), Some(w)) if g == w) || w.is_none() || g.is_none());
             if !ok {
                 return Err(mismatch(format!("output '{}' has shape {:?}, manifest says {:?}", t.name, fact.shape, t.shape)));
             }
@@ -585,7 +589,10 @@ impl ImageEncoder {
         };
         let n_out = if m.dims.frozen_tokens.is_some() { 3 } else { 2 };
         if graph.inputs.len() != 1 || graph.outputs.len() != n_out {
-            return Err(Error::GraphMismatch { path: graph.path.clone(), message: format!("image_encoder needs 1 input and {n_out} outputs, has {} and {}", graph.inputs.len(), graph.outputs.len()) });
+            return Err(Error::GraphMismatch {
+                path: graph.path.clone(),
+                message: format!("image_encoder needs 1 input and {n_out} outputs, has {} and {}", graph.inputs.len(), graph.outputs.len()),
+            });
         }
         let size = m.image.size as usize;
         if concrete_shape(&graph.inputs[0], 1) != vec![1, 3, size, size] {

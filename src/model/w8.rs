@@ -68,11 +68,8 @@ fn decode_weight(w: &pb::TensorProto, s: &pb::TensorProto) -> Option<PackedW8> {
         widened = w.int32_data.iter().map(|&v| v as i8).collect();
         &widened
     };
-    let scale: Vec<f32> = if !s.raw_data.is_empty() {
-        s.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-    } else {
-        s.float_data.clone()
-    };
+    let scale: Vec<f32> =
+        if !s.raw_data.is_empty() { s.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect() } else { s.float_data.clone() };
     let inline = |t: &pb::TensorProto| t.data_location != Some(1) && t.external_data.is_empty();
     let ok = inline(w) && inline(s) && k.checked_mul(n) == Some(values.len()) && (scale.len() == 1 || scale.len() == n) && scale.iter().all(|v| v.is_finite());
     ok.then(|| PackedW8::new(values, k, n, &scale))
@@ -292,7 +289,6 @@ impl PackedW8 {
     }
 }
 
-
 /// Multiply-accumulates from which a product is split over the executor's threads.
 const PARALLEL_MACS: usize = 1 << 23;
 
@@ -502,24 +498,30 @@ mod tests {
                             out
                         };
                         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                            kernels.push(("avx2", match rows {
-                                1 => one(x86::kernel::<1, 4>),
-                                2 => one(x86::kernel::<2, 2>),
-                                3 => one(x86::kernel::<3, 2>),
-                                4 => one(x86::kernel::<4, 1>),
-                                5 => one(x86::kernel::<5, 1>),
-                                _ => one(x86::kernel::<6, 1>),
-                            }));
+                            kernels.push((
+                                "avx2",
+                                match rows {
+                                    1 => one(x86::kernel::<1, 4>),
+                                    2 => one(x86::kernel::<2, 2>),
+                                    3 => one(x86::kernel::<3, 2>),
+                                    4 => one(x86::kernel::<4, 1>),
+                                    5 => one(x86::kernel::<5, 1>),
+                                    _ => one(x86::kernel::<6, 1>),
+                                },
+                            ));
                         }
                         if std::is_x86_feature_detected!("avx512f") {
-                            kernels.push(("avx512", match rows {
-                                1 => one(x86::kernel512::<1, 4>),
-                                2 => one(x86::kernel512::<2, 2>),
-                                3 => one(x86::kernel512::<3, 2>),
-                                4 => one(x86::kernel512::<4, 1>),
-                                5 => one(x86::kernel512::<5, 1>),
-                                _ => one(x86::kernel512::<6, 1>),
-                            }));
+                            kernels.push((
+                                "avx512",
+                                match rows {
+                                    1 => one(x86::kernel512::<1, 4>),
+                                    2 => one(x86::kernel512::<2, 2>),
+                                    3 => one(x86::kernel512::<3, 2>),
+                                    4 => one(x86::kernel512::<4, 1>),
+                                    5 => one(x86::kernel512::<5, 1>),
+                                    _ => one(x86::kernel512::<6, 1>),
+                                },
+                            ));
                         }
                     }
                     for (name, got) in kernels {

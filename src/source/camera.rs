@@ -89,7 +89,20 @@ impl<D: CaptureDevice> Camera<D> {
     /// fail early when the device cannot be opened at start-up.
     pub fn new(dev: D, opts: CameraOptions, limits: DecodeLimits) -> Camera<D> {
         let name = dev.name().to_string();
-        Camera { dev, opts, limits, name, open: None, ever_opened: false, backoff: opts.backoff, timeouts: 0, last_sequence: None, seq: 0, started: Instant::now(), counters: SourceCounters::default() }
+        Camera {
+            dev,
+            opts,
+            limits,
+            name,
+            open: None,
+            ever_opened: false,
+            backoff: opts.backoff,
+            timeouts: 0,
+            last_sequence: None,
+            seq: 0,
+            started: Instant::now(),
+            counters: SourceCounters::default(),
+        }
     }
 
     /// Open now: a camera that is missing at start-up is an error (a typo in the path), not
@@ -148,10 +161,8 @@ impl<D: CaptureDevice> FrameSource for Camera<D> {
             Ok(buf) => {
                 let image = match n.format {
                     CameraFormat::Mjpeg => vision::decode_image(buf.data, &self.name, &self.limits),
-                    CameraFormat::Raw { format, stride } => {
-                        vision::frame_to_image(buf.data, n.width, n.height, stride, format)
-                            .map_err(|e| Error::Source { name: self.name.clone(), message: format!("frame of {} bytes: {e}", buf.data.len()) })
-                    }
+                    CameraFormat::Raw { format, stride } => vision::frame_to_image(buf.data, n.width, n.height, stride, format)
+                        .map_err(|e| Error::Source { name: self.name.clone(), message: format!("frame of {} bytes: {e}", buf.data.len()) }),
                 };
                 (image, buf.sequence, buf.timestamp)
             }

@@ -160,11 +160,8 @@ impl ImageFiles {
     }
 
     pub fn from_dir(dir: &Path, limits: DecodeLimits) -> Result<ImageFiles> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_image_file(p))
-            .collect();
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image_file(p)).collect();
         files.sort();
         if files.is_empty() {
             return Err(Error::InvalidArgument(format!("{}: no images in this folder", dir.display())));
@@ -213,9 +210,7 @@ fn read_frame(r: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<bool> {
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
             Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => {
-                return Err(Error::Image { name: what.to_string(), message: format!("short frame at the end: {got} of {} bytes", buf.len()) })
-            }
+            Ok(0) => return Err(Error::Image { name: what.to_string(), message: format!("short frame at the end: {got} of {} bytes", buf.len()) }),
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::Image { name: what.to_string(), message: format!("read failed: {e}") }),
@@ -359,7 +354,10 @@ impl Mjpeg {
     pub fn open(path: &Path, limits: DecodeLimits) -> Result<Mjpeg> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.len() > MAX_MJPEG_BYTES {
-            return Err(Error::Image { name: path.display().to_string(), message: format!("{} bytes is over the {MAX_MJPEG_BYTES}-byte MJPEG limit", meta.len()) });
+            return Err(Error::Image {
+                name: path.display().to_string(),
+                message: format!("{} bytes is over the {MAX_MJPEG_BYTES}-byte MJPEG limit", meta.len()),
+            });
         }
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Ok(Mjpeg { data, pos: 0, name: path.display().to_string(), limits, seq: 0 })

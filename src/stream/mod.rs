@@ -48,7 +48,16 @@ pub struct StreamOptions {
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { every_frame: false, caption_every: 0, caption_on_change: None, caption: CaptionOptions::default(), top_k: 3, max_frames: None, watchdog: None, head: None }
+        StreamOptions {
+            every_frame: false,
+            caption_every: 0,
+            caption_on_change: None,
+            caption: CaptionOptions::default(),
+            top_k: 3,
+            max_frames: None,
+            watchdog: None,
+            head: None,
+        }
     }
 }
 

@@ -60,7 +60,8 @@ impl Preview {
         let listener = TcpListener::bind(addr).map_err(fail)?;
         listener.set_nonblocking(true).map_err(fail)?;
         let addr = listener.local_addr().map_err(fail)?;
-        let shared = Arc::new(Shared { latest: Mutex::new(Latest::default()), cv: Condvar::new(), closed: AtomicBool::new(false), clients: AtomicUsize::new(0), teach });
+        let shared =
+            Arc::new(Shared { latest: Mutex::new(Latest::default()), cv: Condvar::new(), closed: AtomicBool::new(false), clients: AtomicUsize::new(0), teach });
         let s = shared.clone();
         let accept = std::thread::Builder::new()
             .name("coca-preview".into())

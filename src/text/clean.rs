@@ -102,10 +102,7 @@ pub fn fix_text(text: &str) -> String {
     for line in text.split_inclusive('\n') {
         let mut rest = line;
         while !rest.is_empty() {
-            let cut = rest
-                .char_indices()
-                .nth(MAX_DECODE_LENGTH)
-                .map_or(rest.len(), |(i, _)| i);
+            let cut = rest.char_indices().nth(MAX_DECODE_LENGTH).map_or(rest.len(), |(i, _)| i);
             let (segment, tail) = rest.split_at(cut);
             rest = tail;
             if unescape && segment.contains('<') {
@@ -159,11 +156,7 @@ fn own<'a>(t: Cow<'a, str>, f: impl Fn(&str) -> Cow<'_, str>) -> Cow<'a, str> {
 
 /// Map every char through `f`; `None` keeps the char. Borrowed when nothing was mapped.
 fn map_chars<'a>(s: &'a str, f: impl Fn(char) -> Option<&'static str>) -> Cow<'a, str> {
-    let Some(first) = s
-        .char_indices()
-        .find(|&(_, c)| f(c).is_some())
-        .map(|(i, _)| i)
-    else {
+    let Some(first) = s.char_indices().find(|&(_, c)| f(c).is_some()).map(|(i, _)| i) else {
         return Cow::Borrowed(s);
     };
     let mut out = String::with_capacity(s.len() + 8);
@@ -181,10 +174,9 @@ fn map_chars<'a>(s: &'a str, f: impl Fn(char) -> Option<&'static str>) -> Cow<'a
 /// C1 character of the same number (ftfy's "sloppy-windows-1252"; also CPython's
 /// `html._invalid_charrefs` for these numbers).
 const CP1252_C1: [&str; 32] = [
-    "\u{20ac}", "\u{81}", "\u{201a}", "\u{192}", "\u{201e}", "\u{2026}", "\u{2020}", "\u{2021}",
-    "\u{2c6}", "\u{2030}", "\u{160}", "\u{2039}", "\u{152}", "\u{8d}", "\u{17d}", "\u{8f}",
-    "\u{90}", "\u{2018}", "\u{2019}", "\u{201c}", "\u{201d}", "\u{2022}", "\u{2013}", "\u{2014}",
-    "\u{2dc}", "\u{2122}", "\u{161}", "\u{203a}", "\u{153}", "\u{9d}", "\u{17e}", "\u{178}",
+    "\u{20ac}", "\u{81}", "\u{201a}", "\u{192}", "\u{201e}", "\u{2026}", "\u{2020}", "\u{2021}", "\u{2c6}", "\u{2030}", "\u{160}", "\u{2039}", "\u{152}",
+    "\u{8d}", "\u{17d}", "\u{8f}", "\u{90}", "\u{2018}", "\u{2019}", "\u{201c}", "\u{201d}", "\u{2022}", "\u{2013}", "\u{2014}", "\u{2dc}", "\u{2122}",
+    "\u{161}", "\u{203a}", "\u{153}", "\u{9d}", "\u{17e}", "\u{178}",
 ];
 
 /// ftfy `fix_c1_controls`: U+0080..U+009F read as Windows-1252.
@@ -245,10 +237,7 @@ fn width_map() -> &'static HashMap<char, String> {
 
 /// ftfy `fix_character_width`.
 pub fn fix_character_width(s: &str) -> Cow<'_, str> {
-    if !s
-        .chars()
-        .any(|c| c == '\u{3000}' || ('\u{ff01}'..='\u{ffef}').contains(&c))
-    {
+    if !s.chars().any(|c| c == '\u{3000}' || ('\u{ff01}'..='\u{ffef}').contains(&c)) {
         return Cow::Borrowed(s);
     }
     let map = width_map();
@@ -292,8 +281,7 @@ pub fn remove_terminal_escapes(s: &str) -> Cow<'_, str> {
         return Cow::Borrowed(s);
     }
     static RE: OnceLock<Regex> = OnceLock::new();
-    RE.get_or_init(|| Regex::new(r"\x1b\[(?:\d|;)*[a-zA-Z]").expect("valid regex"))
-        .replace_all(s, "")
+    RE.get_or_init(|| Regex::new(r"\x1b\[(?:\d|;)*[a-zA-Z]").expect("valid regex")).replace_all(s, "")
 }
 
 /// ftfy `remove_control_chars` (`chardata.CONTROL_CHARS`).
@@ -346,8 +334,7 @@ fn upper_entities() -> &'static HashMap<String, String> {
     MAP.get_or_init(|| {
         let mut map = HashMap::new();
         for (key, value) in htmlize::ENTITIES.entries() {
-            let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(value))
-            else {
+            let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(value)) else {
                 continue;
             };
             if !key.ends_with(';') || key != key.to_ascii_lowercase() {
@@ -428,20 +415,14 @@ pub fn html_unescape(s: &str) -> Cow<'_, str> {
             let (start, len, radix) = if digits > 0 {
                 (1, digits, 10)
             } else if matches!(ab.get(1), Some(b'x' | b'X')) {
-                (
-                    2,
-                    ab[2..].iter().take_while(|b| b.is_ascii_hexdigit()).count(),
-                    16,
-                )
+                (2, ab[2..].iter().take_while(|b| b.is_ascii_hexdigit()).count(), 16)
             } else {
                 (0, 0, 0)
             };
             if len > 0 {
                 let mut e = start + len;
                 // saturate: anything over 0x10FFFF decodes the same
-                let num = after[start..e].chars().fold(0u64, |acc, c| {
-                    (acc * radix + c.to_digit(radix as u32).unwrap_or(0) as u64).min(1 << 40)
-                });
+                let num = after[start..e].chars().fold(0u64, |acc, c| (acc * radix + c.to_digit(radix as u32).unwrap_or(0) as u64).min(1 << 40));
                 if ab.get(e) == Some(&b';') {
                     e += 1;
                 }
@@ -468,11 +449,7 @@ pub fn html_unescape(s: &str) -> Cow<'_, str> {
                 } else {
                     // longest prefix of at least 2 characters (and shorter than the name)
                     let cuts: Vec<usize> = name.char_indices().map(|(k, _)| k).skip(2).collect();
-                    match cuts
-                        .iter()
-                        .rev()
-                        .find_map(|&k| html5(&name[..k]).map(|v| (k, v)))
-                    {
+                    match cuts.iter().rev().find_map(|&k| html5(&name[..k]).map(|v| (k, v))) {
                         Some((k, v)) => {
                             out.push_str(v);
                             out.push_str(&name[k..]);

@@ -47,9 +47,7 @@ const EOT_TEXT: &str = "<end_of_text>";
 const CACHE_LIMIT: usize = 1 << 16;
 
 /// How text is cleaned before tokenisation (open_clip's `clean=` argument).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Clean {
     /// `whitespace_clean(basic_clean(x)).lower()`: the default, and what CoCa uses.
@@ -89,9 +87,7 @@ impl std::str::FromStr for Clean {
             "lower" => Ok(Clean::Lower),
             "whitespace" => Ok(Clean::Whitespace),
             "canonicalize" => Ok(Clean::Canonicalize),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown text clean function {other:?} (expected lower, whitespace or canonicalize)"
-            ))),
+            other => Err(Error::InvalidArgument(format!("unknown text clean function {other:?} (expected lower, whitespace or canonicalize)"))),
         }
     }
 }
@@ -157,10 +153,7 @@ impl std::fmt::Debug for Tokenizer {
 /// CLIP's `bytes_to_unicode()`: the byte values in vocabulary order, paired with the
 /// printable character that stands for each.
 fn bytes_to_unicode() -> Vec<(u8, char)> {
-    let mut bs: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
-        .chain(0xa1..=0xac)
-        .chain(0xae..=0xff)
-        .collect();
+    let mut bs: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).chain(0xa1..=0xac).chain(0xae..=0xff).collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -170,21 +163,13 @@ fn bytes_to_unicode() -> Vec<(u8, char)> {
             n += 1;
         }
     }
-    bs.into_iter()
-        .zip(cs)
-        .map(|(b, c)| (b as u8, char::from_u32(c).expect("below 0x200")))
-        .collect()
+    bs.into_iter().zip(cs).map(|(b, c)| (b as u8, char::from_u32(c).expect("below 0x200"))).collect()
 }
 
 /// The pre-tokenisation pattern (see the module docs).
 fn token_regex() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
-    RE.get_or_init(|| {
-        Regex::new(
-            r"(?i:<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}\x{345}]+",
-        )
-        .expect("valid regex")
-    })
+    RE.get_or_init(|| Regex::new(r"(?i:<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}\x{345}]+").expect("valid regex"))
 }
 
 impl Tokenizer {
@@ -196,14 +181,9 @@ impl Tokenizer {
 
     /// Load a gzipped merges file from memory; `what` names it in error messages.
     pub fn from_gz_bytes(bytes: &[u8], what: &str) -> Result<Self> {
-        let err = |message: String| Error::Vocab {
-            what: what.to_string(),
-            message,
-        };
+        let err = |message: String| Error::Vocab { what: what.to_string(), message };
         let mut raw = Vec::new();
-        flate2::read::MultiGzDecoder::new(bytes)
-            .read_to_end(&mut raw)
-            .map_err(|e| err(format!("cannot decompress the gzip data: {e}")))?;
+        flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut raw).map_err(|e| err(format!("cannot decompress the gzip data: {e}")))?;
         let text = String::from_utf8(raw).map_err(|e| err(format!("not UTF-8 text: {e}")))?;
         Self::from_merges_text(&text).map_err(err)
     }
@@ -213,22 +193,14 @@ impl Tokenizer {
         // Python: merges = text.split('\n')[1:49152-256-2+1]
         let lines: Vec<&str> = text.split('\n').skip(1).take(NUM_MERGES).collect();
         if lines.len() < NUM_MERGES {
-            return Err(format!(
-                "expected {NUM_MERGES} merge lines after the header, found {}",
-                lines.len()
-            ));
+            return Err(format!("expected {NUM_MERGES} merge lines after the header, found {}", lines.len()));
         }
         let mut merges = Vec::with_capacity(NUM_MERGES);
         for (k, line) in lines.iter().enumerate() {
             let mut parts = line.split(clean::py_isspace).filter(|p| !p.is_empty());
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => merges.push((a, b)),
-                _ => {
-                    return Err(format!(
-                        "line {}: expected two symbols separated by a space, found {line:?}",
-                        k + 2
-                    ))
-                }
+                _ => return Err(format!("line {}: expected two symbols separated by a space, found {line:?}", k + 2)),
             }
         }
 
@@ -255,12 +227,7 @@ impl Tokenizer {
             let bytes: Option<Vec<u8>> = s.chars().map(|c| byte_of.get(&c).copied()).collect();
             match bytes {
                 Some(bytes) => decoder.push(bytes.into_boxed_slice()),
-                None => {
-                    return Err(format!(
-                        "merge line {}: symbol {s:?} has a character outside the byte alphabet",
-                        id - 512 + 2
-                    ))
-                }
+                None => return Err(format!("merge line {}: symbol {s:?} has a character outside the byte alphabet", id - 512 + 2)),
             }
         }
 
@@ -394,10 +361,7 @@ impl Tokenizer {
     /// BPE of one pre-token (its UTF-8 bytes, not empty).
     fn bpe(&self, bytes: &[u8]) -> Vec<u32> {
         let (&last, init) = bytes.split_last().expect("pre-tokens are never empty");
-        let mut word: Vec<u32> = init
-            .iter()
-            .map(|&b| self.byte_sym[usize::from(b)])
-            .collect();
+        let mut word: Vec<u32> = init.iter().map(|&b| self.byte_sym[usize::from(b)]).collect();
         word.push(self.byte_sym_end[usize::from(last)]);
         while word.len() > 1 {
             let mut best: Option<(u32, u32, u32, u32)> = None; // rank, left, right, merged
@@ -526,8 +490,7 @@ mod tests {
     use std::io::Write;
 
     fn vocab_path() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tokenizer/bpe_simple_vocab_16e6.txt.gz")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/bpe_simple_vocab_16e6.txt.gz")
     }
 
     fn tokenizer() -> &'static Tokenizer {
@@ -549,10 +512,7 @@ mod tests {
         match result {
             Err(Error::Vocab { what, message }) => {
                 assert_eq!(what, "test.gz");
-                assert!(
-                    message.contains(needle),
-                    "message {message:?} lacks {needle:?}"
-                );
+                assert!(message.contains(needle), "message {message:?} lacks {needle:?}");
             }
             other => panic!("expected a Vocab error, got {other:?}"),
         }
@@ -571,38 +531,23 @@ mod tests {
     fn corrupt_gz_is_an_error() {
         let good = std::fs::read(vocab_path()).unwrap();
         // truncated stream
-        assert_vocab_err(
-            Tokenizer::from_gz_bytes(&good[..good.len() / 2], "test.gz"),
-            "gzip",
-        );
+        assert_vocab_err(Tokenizer::from_gz_bytes(&good[..good.len() / 2], "test.gz"), "gzip");
         // corrupted deflate data (the CRC or the stream breaks)
         let mut bad = good.clone();
         for b in &mut bad[1000..1100] {
             *b ^= 0x5a;
         }
-        assert!(matches!(
-            Tokenizer::from_gz_bytes(&bad, "test.gz"),
-            Err(Error::Vocab { .. })
-        ));
+        assert!(matches!(Tokenizer::from_gz_bytes(&bad, "test.gz"), Err(Error::Vocab { .. })));
         // not gzip at all, and nothing
-        assert_vocab_err(
-            Tokenizer::from_gz_bytes(b"plain text\nab c\n", "test.gz"),
-            "gzip",
-        );
+        assert_vocab_err(Tokenizer::from_gz_bytes(b"plain text\nab c\n", "test.gz"), "gzip");
         assert!(Tokenizer::from_gz_bytes(b"", "test.gz").is_err());
         // not UTF-8
-        assert_vocab_err(
-            Tokenizer::from_gz_bytes(&gz_bytes(&[0xff, 0xfe, 0x0a]), "test.gz"),
-            "UTF-8",
-        );
+        assert_vocab_err(Tokenizer::from_gz_bytes(&gz_bytes(&[0xff, 0xfe, 0x0a]), "test.gz"), "UTF-8");
     }
 
     #[test]
     fn wrong_merges_are_errors() {
-        assert_vocab_err(
-            Tokenizer::from_gz_bytes(&gz("#version: 0.2\ni n\nt h\n"), "test.gz"),
-            "merge lines",
-        );
+        assert_vocab_err(Tokenizer::from_gz_bytes(&gz("#version: 0.2\ni n\nt h\n"), "test.gz"), "merge lines");
         let mut text = String::from("#version: 0.2\n");
         for _ in 0..NUM_MERGES {
             text.push_str("i n\n");
@@ -610,10 +555,7 @@ mod tests {
         let broken = text.replacen("i n\n", "i n x\n", 1);
         assert_vocab_err(Tokenizer::from_gz_bytes(&gz(&broken), "test.gz"), "line 2");
         let alien = text.replacen("i n\n", "i \u{3042}\n", 1);
-        assert_vocab_err(
-            Tokenizer::from_gz_bytes(&gz(&alien), "test.gz"),
-            "byte alphabet",
-        );
+        assert_vocab_err(Tokenizer::from_gz_bytes(&gz(&alien), "test.gz"), "byte alphabet");
         // a well-formed (if silly) file loads
         let tok = Tokenizer::from_gz_bytes(&gz(&text), "test.gz").unwrap();
         assert_eq!(tok.vocab_size(), VOCAB_SIZE);
@@ -630,37 +572,22 @@ mod tests {
     fn known_ids() {
         let tok = tokenizer();
         // open_clip: tokenizer.encode("a photo of a dog.")
-        assert_eq!(
-            tok.encode("a photo of a dog."),
-            vec![320, 1125, 539, 320, 1929, 269]
-        );
+        assert_eq!(tok.encode("a photo of a dog."), vec![320, 1125, 539, 320, 1929, 269]);
         assert_eq!(tok.encode(""), Vec::<u32>::new());
-        assert_eq!(
-            tok.encode("<start_of_text>hi<end_of_text>"),
-            vec![49406, 1883, 49407]
-        );
+        assert_eq!(tok.encode("<start_of_text>hi<end_of_text>"), vec![49406, 1883, 49407]);
     }
 
     #[test]
     fn decode_round_trip_of_plain_text() {
         let tok = tokenizer();
-        for text in [
-            "the quick brown fox jumps over the lazy dog",
-            "zürich café 東京 ελληνικά",
-        ] {
+        for text in ["the quick brown fox jumps over the lazy dog", "zürich café 東京 ελληνικά"] {
             let decoded = tok.decode(&tok.encode(text));
             assert_eq!(decoded, format!("{text} "));
             assert_eq!(tok.encode(&decoded), tok.encode(text));
         }
         // every pre-token ends in `</w>`, so punctuation comes back spaced out
-        assert_eq!(
-            tok.decode(&tok.encode("A photo of a dog.")),
-            "a photo of a dog . "
-        );
-        assert_eq!(
-            tok.decode(&[tok.sot(), 320, tok.eot()]),
-            "<start_of_text>a <end_of_text>"
-        );
+        assert_eq!(tok.decode(&tok.encode("A photo of a dog.")), "a photo of a dog . ");
+        assert_eq!(tok.decode(&[tok.sot(), 320, tok.eot()]), "<start_of_text>a <end_of_text>");
         // unknown ids are skipped
         assert_eq!(tok.decode(&[320, 60_000, 1929]), "a dog ");
     }
@@ -685,10 +612,7 @@ mod tests {
         assert!(row[8..].iter().all(|&i| i == 0));
         assert_eq!(tok.tokenize("anything", 1), vec![49407]);
         assert!(tok.tokenize("anything", 0).is_empty());
-        assert_eq!(
-            tok.tokenize_batch(&["a", "dog"], 4),
-            vec![49406, 320, 49407, 0, 49406, 1929, 49407, 0]
-        );
+        assert_eq!(tok.tokenize_batch(&["a", "dog"], 4), vec![49406, 320, 49407, 0, 49406, 1929, 49407, 0]);
     }
 
     #[test]
@@ -708,18 +632,12 @@ mod tests {
 
     #[test]
     fn clean_names() {
-        assert_eq!(
-            "canonicalize".parse::<Clean>().unwrap(),
-            Clean::Canonicalize
-        );
+        assert_eq!("canonicalize".parse::<Clean>().unwrap(), Clean::Canonicalize);
         assert!("upper".parse::<Clean>().is_err());
         assert_eq!(Clean::Whitespace.as_str(), "whitespace");
         assert_eq!(Clean::Lower.apply("  A  Dog\t&amp; CAT  "), "a dog & cat");
         assert_eq!(Clean::Whitespace.apply("  A  Dog\n"), "A Dog");
-        assert_eq!(
-            Clean::Canonicalize.apply("A big_Dog, (really)!"),
-            "a big dog really"
-        );
+        assert_eq!(Clean::Canonicalize.apply("A big_Dog, (really)!"), "a big dog really");
     }
 
     #[test]
@@ -745,10 +663,7 @@ mod tests {
         assert_eq!(f("&lt;b&gt; &eacute;"), "<b> é");
         assert_eq!(f("<b> &eacute;"), "<b> &eacute;");
         assert_eq!(f("&amp;amp;amp;"), "&");
-        assert_eq!(
-            f("P&EACUTE;REZ BUNDESSTRA&SZLIG;E &nTILDE;"),
-            "PÉREZ BUNDESSTRASSE &nTILDE;"
-        );
+        assert_eq!(f("P&EACUTE;REZ BUNDESSTRA&SZLIG;E &nTILDE;"), "PÉREZ BUNDESSTRASSE &nTILDE;");
         assert_eq!(f("ﬂuﬃeﬆ"), "fluffiest");
         assert_eq!(f("ＬＯＵＤ　ＮＯＩＳＥＳ"), "LOUD NOISES");
         assert_eq!(f("\u{201c}here\u{2019}s\u{201d}"), "\"here's\"");

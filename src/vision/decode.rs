@@ -62,15 +62,14 @@ pub fn decode_image(bytes: &[u8], name: &str, limits: &DecodeLimits) -> Result<D
             Err(JpegError::Refused(m)) => Err(fail(m)),
             Err(JpegError::Corrupt(m)) => Err(fail(format!("truncated or corrupt JPEG: {m}"))),
             // not what libjpeg-turbo's default path handles: let the image crate try
-            Err(JpegError::Unsupported(what)) => decode_with_image_crate(bytes, image::ImageFormat::Jpeg, limits)
-                .map_err(|e| fail(format!("unsupported JPEG variant ({what}): {e}"))),
+            Err(JpegError::Unsupported(what)) => {
+                decode_with_image_crate(bytes, image::ImageFormat::Jpeg, limits).map_err(|e| fail(format!("unsupported JPEG variant ({what}): {e}")))
+            }
         };
     }
     use image::ImageFormat as F;
     match image::guess_format(bytes) {
-        Ok(format @ (F::Jpeg | F::Bmp | F::Tiff | F::WebP | F::Pnm)) => {
-            decode_with_image_crate(bytes, format, limits).map_err(fail)
-        }
+        Ok(format @ (F::Jpeg | F::Bmp | F::Tiff | F::WebP | F::Pnm)) => decode_with_image_crate(bytes, format, limits).map_err(fail),
         Ok(other) => Err(fail(format!("not a supported image ({} format)", format_name(other)))),
         Err(_) => Err(fail("not a supported image (unknown format)".into())),
     }
@@ -86,10 +85,7 @@ pub fn load_image(path: &Path, limits: &DecodeLimits) -> Result<DecodedImage> {
         return Err(Error::Image { name, message: "is a directory, not an image file".into() });
     }
     if meta.len() > limits.max_bytes {
-        return Err(Error::Image {
-            name,
-            message: format!("file is {} bytes, over the {}-byte limit", meta.len(), limits.max_bytes),
-        });
+        return Err(Error::Image { name, message: format!("file is {} bytes, over the {}-byte limit", meta.len(), limits.max_bytes) });
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // the file may grow between metadata() and read: never read more than the limit + 1
@@ -144,12 +140,8 @@ fn decode_png(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<Decode
         png::DecodingError::LimitsExceeded => "PNG needs more memory than the decode limits allow".to_string(),
         e => format!("truncated or corrupt PNG: {e}"),
     };
-    let budget =
-        if bytes.len() >= 24 { alloc_budget(u32_be(&bytes[16..20]), u32_be(&bytes[20..24])) } else { 64 << 20 };
-    let mut decoder = png::Decoder::new_with_limits(
-        Cursor::new(bytes),
-        png::Limits { bytes: usize::try_from(budget).unwrap_or(usize::MAX) },
-    );
+    let budget = if bytes.len() >= 24 { alloc_budget(u32_be(&bytes[16..20]), u32_be(&bytes[20..24])) } else { 64 << 20 };
+    let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), png::Limits { bytes: usize::try_from(budget).unwrap_or(usize::MAX) });
     decoder.set_transformations(png::Transformations::IDENTITY);
     decoder.set_ignore_text_chunk(true);
     let mut reader = decoder.read_info().map_err(corrupt)?;
@@ -252,9 +244,7 @@ fn decode_gif(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<Decode
     }
     let mut opts = gif::DecodeOptions::new();
     opts.set_color_output(gif::ColorOutput::Indexed);
-    if let Some(limit) = std::num::NonZeroU64::new(
-        alloc_budget(65535, 65535).min(alloc_budget(limits.max_width as u64, limits.max_height as u64)),
-    ) {
+    if let Some(limit) = std::num::NonZeroU64::new(alloc_budget(65535, 65535).min(alloc_budget(limits.max_width as u64, limits.max_height as u64))) {
         opts.set_memory_limit(gif::MemoryLimit::Bytes(limit));
     }
     let mut decoder = opts.read_info(Cursor::new(bytes)).map_err(corrupt)?;
@@ -279,8 +269,7 @@ fn decode_gif(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<Decode
         None => global,
     };
     // Pillow opens a GIF whose palette is absent or the identity grey ramp as mode "L"
-    let palette = palette
-        .filter(|p| p.chunks_exact(3).enumerate().any(|(i, c)| !(c[0] as usize == i && c[1] == c[0] && c[2] == c[0])));
+    let palette = palette.filter(|p| p.chunks_exact(3).enumerate().any(|(i, c)| !(c[0] as usize == i && c[1] == c[0] && c[2] == c[0])));
     let mode = match palette {
         Some(p) => {
             let colors: Vec<[u8; 3]> = p.chunks_exact(3).take(256).map(|c| [c[0], c[1], c[2]]).collect();
@@ -309,11 +298,7 @@ fn jpeg_image(img: super::jpeg::JpegImage) -> std::result::Result<DecodedImage, 
 
 // --------------------------------------------------------------------------- JPEG, BMP, TIFF, ...
 
-fn decode_with_image_crate(
-    bytes: &[u8],
-    format: image::ImageFormat,
-    limits: &DecodeLimits,
-) -> std::result::Result<DecodedImage, String> {
+fn decode_with_image_crate(bytes: &[u8], format: image::ImageFormat, limits: &DecodeLimits) -> std::result::Result<DecodedImage, String> {
     use image::{DynamicImage as D, ImageDecoder};
     let what = format_name(format);
     let corrupt = |e: image::ImageError| match e {
@@ -336,9 +321,7 @@ fn decode_with_image_crate(
     let bilevel = format == image::ImageFormat::Pnm && (bytes.starts_with(b"P1") || bytes.starts_with(b"P4"));
     let (w, h) = (img.width(), img.height());
     let (mode, pixels) = match img {
-        D::ImageLuma8(b) if bilevel => {
-            (PixelMode::Bilevel, b.into_raw().into_iter().map(|v| if v != 0 { 255 } else { 0 }).collect())
-        }
+        D::ImageLuma8(b) if bilevel => (PixelMode::Bilevel, b.into_raw().into_iter().map(|v| if v != 0 { 255 } else { 0 }).collect()),
         D::ImageLuma8(b) => (PixelMode::L, b.into_raw()),
         D::ImageLumaA8(b) => (PixelMode::LA, b.into_raw()),
         D::ImageRgb8(b) => (PixelMode::Rgb, b.into_raw()),
@@ -416,16 +399,12 @@ mod tests {
     fn garbage_is_refused_without_panicking() {
         let limits = DecodeLimits::default();
         assert_eq!(err_message(decode_image(b"", "e.jpg", &limits)), "e.jpg: empty file (0 bytes)");
-        assert_eq!(
-            err_message(decode_image(b"hello world", "t.jpg", &limits)),
-            "t.jpg: not a supported image (unknown format)"
-        );
+        assert_eq!(err_message(decode_image(b"hello world", "t.jpg", &limits)), "t.jpg: not a supported image (unknown format)");
         // every prefix of a valid small PNG and GIF, and byte flips, must fail cleanly or decode
         let ihdr = [&3u32.to_be_bytes()[..], &2u32.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
         let raw = [0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 10, 11, 12, 13, 14, 15, 16, 17, 18];
         let idat = stored_zlib(&raw);
-        let png =
-            [PNG_SIGNATURE, &png_chunk(b"IHDR", &ihdr), &png_chunk(b"IDAT", &idat), &png_chunk(b"IEND", &[])].concat();
+        let png = [PNG_SIGNATURE, &png_chunk(b"IHDR", &ihdr), &png_chunk(b"IDAT", &idat), &png_chunk(b"IEND", &[])].concat();
         let img = decode_image(&png, "ok.png", &limits).unwrap();
         assert_eq!((img.width(), img.height(), img.mode()), (3, 2, &PixelMode::Rgb));
         assert_eq!(img.pixels(), &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]);

@@ -90,11 +90,7 @@ unsafe extern "C-unwind" fn emit_message(cinfo: &mut ffi::jpeg_common_struct, le
 /// Decode a whole JPEG held in memory. `check_size(width, height)` runs after the header is
 /// read and before any pixel memory is allocated; an `Err` refuses the image. `max_memory` caps
 /// libjpeg's own allocations (coefficient buffers of progressive files).
-pub(crate) fn decode(
-    bytes: &[u8],
-    check_size: impl Fn(u64, u64) -> Result<(), String>,
-    max_memory: u64,
-) -> Result<JpegImage, JpegError> {
+pub(crate) fn decode(bytes: &[u8], check_size: impl Fn(u64, u64) -> Result<(), String>, max_memory: u64) -> Result<JpegImage, JpegError> {
     if bytes.is_empty() {
         return Err(JpegError::Corrupt("empty JPEG data".into()));
     }

@@ -138,8 +138,7 @@ pub struct DecodedImage {
 impl DecodedImage {
     /// Wrap raw pixels: `width * height * mode.bytes_per_pixel()` bytes, row-major, no padding.
     pub fn new(width: u32, height: u32, mode: PixelMode, pixels: Vec<u8>) -> Result<Self> {
-        let expect =
-            (width as u64).checked_mul(height as u64).and_then(|n| n.checked_mul(mode.bytes_per_pixel() as u64));
+        let expect = (width as u64).checked_mul(height as u64).and_then(|n| n.checked_mul(mode.bytes_per_pixel() as u64));
         if width == 0 || height == 0 {
             return Err(Error::InvalidArgument(format!("image size {width}x{height} is empty")));
         }
@@ -391,16 +390,7 @@ fn crop_to_rgb(img: &DecodedImage, left: usize, top: usize, cw: usize, ch: usize
 /// Pillow's 16-bit ("I;16") resize (`ImagingResample*_16bpc`, float weights) of the `s x s`
 /// window at (`left`, `top`) of the `nw x nh` result.
 #[allow(clippy::too_many_arguments)]
-fn bicubic_window_i16(
-    px: &[u8],
-    w: usize,
-    h: usize,
-    nw: usize,
-    nh: usize,
-    left: usize,
-    top: usize,
-    s: usize,
-) -> Vec<u16> {
+fn bicubic_window_i16(px: &[u8], w: usize, h: usize, nw: usize, nh: usize, left: usize, top: usize, s: usize) -> Vec<u16> {
     let vw = (nh != h).then(|| resize::Weights::bicubic(h, nh, top, s));
     let hw = (nw != w).then(|| resize::Weights::bicubic(w, nw, left, s));
     let (y0, y1) = vw.as_ref().map_or((top, top + s), resize::Weights::source_range);
@@ -430,17 +420,7 @@ fn bicubic_window_i16(
 /// only the `s x s` window at (`left`, `top`). With `premul`, the last channel is alpha and the
 /// colour channels are premultiplied first (the result stays premultiplied).
 #[allow(clippy::too_many_arguments)]
-fn bicubic_window<const C: usize>(
-    px: &[u8],
-    w: usize,
-    h: usize,
-    nw: usize,
-    nh: usize,
-    left: usize,
-    top: usize,
-    s: usize,
-    premul: bool,
-) -> Vec<u8> {
+fn bicubic_window<const C: usize>(px: &[u8], w: usize, h: usize, nw: usize, nh: usize, left: usize, top: usize, s: usize, premul: bool) -> Vec<u8> {
     let need_h = nw != w;
     let need_v = nh != h;
     let vc = need_v.then(|| Coeffs::bicubic(h, nh, top, s));
@@ -553,15 +533,7 @@ mod tests {
     #[test]
     fn tiny_and_extreme_shapes_do_not_panic() {
         for (w, h) in [(1, 1), (1, 500), (500, 1), (2, 3), (3000, 7)] {
-            for mode in [
-                PixelMode::L,
-                PixelMode::LA,
-                PixelMode::Rgb,
-                PixelMode::Rgba,
-                PixelMode::Bilevel,
-                PixelMode::Cmyk,
-                PixelMode::I16,
-            ] {
+            for mode in [PixelMode::L, PixelMode::LA, PixelMode::Rgb, PixelMode::Rgba, PixelMode::Bilevel, PixelMode::Cmyk, PixelMode::I16] {
                 let n = (w * h) as usize * mode.bytes_per_pixel();
                 let img = DecodedImage::new(w, h, mode, vec![128; n]).unwrap();
                 assert_eq!(preprocess_u8(&img, 224).len(), 224 * 224 * 3);
