@@ -40,6 +40,7 @@ pub mod classify;
 pub mod error;
 pub mod ffi;
 pub mod head;
+pub(crate) mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod source;

@@ -276,12 +276,7 @@ fn top_p_filter(logits: &[f32], p: f32) -> Vec<f32> {
     out
 }
 
-fn softmax(v: &[f32]) -> Vec<f32> {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = v.iter().map(|x| (x - m).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.into_iter().map(|x| x / s).collect()
-}
+use crate::kernels::softmax;
 
 fn draw(logits: &[f32], temperature: f32, rng: &mut ChaCha8Rng) -> usize {
     let scaled: Vec<f32> = logits.iter().map(|l| l / temperature).collect();

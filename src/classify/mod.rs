@@ -176,11 +176,9 @@ impl LabelSet {
         }
         let cos: Vec<f32> = (0..self.labels.len()).map(|i| dot(self.embedding(i), image_embedding)).collect();
         let logits: Vec<f32> = cos.iter().map(|c| logit_scale * c).collect();
-        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-        let sum: f32 = exps.iter().sum();
+        let probs = crate::kernels::softmax(&logits);
         let mut scores: Vec<Score> =
-            (0..self.labels.len()).map(|i| Score { label: self.labels[i].clone(), index: i, probability: exps[i] / sum, cosine: cos[i] }).collect();
+            (0..self.labels.len()).map(|i| Score { label: self.labels[i].clone(), index: i, probability: probs[i], cosine: cos[i] }).collect();
         // stable: equal scores keep label order, like torch.topk on CPU for distinct values
         scores.sort_by(|a, b| b.cosine.total_cmp(&a.cosine).then(a.index.cmp(&b.index)));
         scores.truncate(top_k.max(1));

@@ -230,12 +230,7 @@ impl Head {
     }
 }
 
-pub fn softmax(z: &[f32]) -> Vec<f32> {
-    let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = z.iter().map(|v| (v - m).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.into_iter().map(|v| v / s).collect()
-}
+pub use crate::kernels::softmax;
 
 /// How to train.
 #[derive(Debug, Clone)]
