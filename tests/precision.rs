@@ -13,9 +13,9 @@ mod common;
 use common::root;
 
 use coca_edge::classify::Templates;
+use coca_edge::model::{EngineOptions, OnnxGraph};
 use coca_edge::{Pipeline, PipelineOptions};
 use serde_json::Value;
-use tract_onnx::prelude::*;
 
 fn goldens() -> Value {
     serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/goldens/goldens.json")).unwrap()).unwrap()
@@ -152,17 +152,12 @@ fn unknown_or_missing_precisions_are_clear_errors() {
 fn tract_still_miscomputes_softmax_inside_qdq() {
     let fx: Value = serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/precision/softmax_qdq.json")).unwrap()).unwrap();
     let shape: Vec<usize> = fx["input_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let x = tract_ndarray::ArrayD::from_shape_vec(shape.clone(), floats(&fx["input"])).unwrap();
+    let x = floats(&fx["input"]);
+    // tract alone: none of coca-edge's op replacements
+    let tract_only = EngineOptions { tract_ops: true, ..Default::default() };
     let run = |name: &str| -> Vec<f32> {
-        let model = tract_onnx::onnx()
-            .model_for_path(root().join(format!("tests/fixtures/precision/{name}.onnx")))
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
-        let out = model.run(tvec!(Tensor::from(x.clone()).into())).unwrap();
-        out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+        let model = OnnxGraph::load(&root().join(format!("tests/fixtures/precision/{name}.onnx")), None, &tract_only).unwrap();
+        model.run(&[(&shape, &x)]).unwrap().swap_remove(0)
     };
     let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     let float_diff = diff(&run("softmax_float"), &floats(&fx["softmax_float"]));
@@ -213,16 +208,8 @@ fn cli_reports_precision_errors_in_one_line() {
 fn layer_norm_inside_qdq_matches_onnxruntime() {
     let fx: Value = serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/precision/softmax_qdq.json")).unwrap()).unwrap();
     let shape: Vec<usize> = fx["input_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let x = tract_ndarray::ArrayD::from_shape_vec(shape, floats(&fx["input"])).unwrap();
-    let model = coca_edge::model::onnx()
-        .model_for_path(root().join("tests/fixtures/precision/layernorm_qdq.onnx"))
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
-    let out = model.run(tvec!(Tensor::from(x).into())).unwrap();
-    let got: Vec<f32> = out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect();
+    let model = OnnxGraph::load(&root().join("tests/fixtures/precision/layernorm_qdq.onnx"), None, &EngineOptions::default()).unwrap();
+    let got: Vec<f32> = model.run(&[(&shape, &floats(&fx["input"]))]).unwrap().swap_remove(0);
     let want = floats(&fx["layernorm_qdq"]);
     let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     // one quantisation step (0.05) of the output, doubled by the Mul after it
@@ -237,15 +224,14 @@ fn layer_norm_inside_qdq_matches_onnxruntime() {
 #[test]
 fn int8_weight_products_match_onnxruntime() {
     let fx: Value = serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/precision/softmax_qdq.json")).unwrap()).unwrap();
-    let x = tract_ndarray::ArrayD::from_shape_vec(vec![2, 3, 40], floats(&fx["w8_input"])).unwrap();
-    let model = coca_edge::model::load_onnx(&root().join("tests/fixtures/precision/w8_matmul.onnx")).unwrap().into_optimized().unwrap();
-    let fused = model.nodes().iter().filter(|n| n.op().name() == "MatMulW8").count();
+    let model = OnnxGraph::load(&root().join("tests/fixtures/precision/w8_matmul.onnx"), None, &EngineOptions::default()).unwrap();
+    let fused = model.op_count("MatMulW8");
     if std::env::var_os("COCA_TRACT_OPS").is_none() {
         assert_eq!(fused, 4, "products fused: w1 twice, w2 and w4 (w3 has a non-zero zero point)");
     }
-    let out = model.into_runnable().unwrap().run(tvec!(Tensor::from(x).into())).unwrap();
+    let out = model.run(&[(&[2, 3, 40], &floats(&fx["w8_input"]))]).unwrap();
     for (ix, key) in [(0, "w8_y"), (1, "w8_d4")] {
-        let got: Vec<f32> = out[ix].to_plain_array_view::<f32>().unwrap().iter().copied().collect();
+        let got: Vec<f32> = out[ix].clone();
         let want = floats(&fx[key]);
         assert_eq!(got.len(), want.len(), "{key}");
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));

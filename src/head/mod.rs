@@ -84,7 +84,7 @@ pub struct Head {
 
 /// The loaded graph of an attentional-pooler head (compared as equal: it follows the file).
 #[derive(Clone, Default)]
-struct GraphRunner(Option<std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>>);
+struct GraphRunner(Option<std::sync::Arc<crate::model::OnnxGraph>>);
 
 impl PartialEq for GraphRunner {
     fn eq(&self, _: &Self) -> bool {
@@ -105,7 +105,6 @@ impl Head {
         if self.kind != HeadKind::AttentionalPooler {
             return self.classify(&f.embedding, top_k);
         }
-        use tract_onnx::prelude::*;
         let (t, w) = (self.tokens.unwrap_or(0), self.dim);
         if f.frozen_tokens.len() != t * w {
             return Err(Error::InvalidArgument(format!(
@@ -114,9 +113,8 @@ impl Head {
             )));
         }
         let plan = self.runner.0.as_ref().ok_or_else(|| Error::InvalidArgument("head graph not loaded".into()))?;
-        let input = Tensor::from_shape(&[1, t, w], &f.frozen_tokens).map_err(|e| Error::engine("head input", e))?;
-        let out = plan.run(tvec!(input.into_tvalue())).map_err(|e| Error::engine("head graph", e))?;
-        let z = out[0].try_as_plain_ram().and_then(|p| p.as_slice::<f32>()).map_err(|e| Error::engine("head output", e))?;
+        let out = plan.run(&[(&[1, t, w], &f.frozen_tokens)])?;
+        let z = out.first().ok_or_else(|| Error::engine("head graph", "no output"))?;
         if z.len() != self.classes.len() {
             return Err(Error::engine("head graph", format!("{} logits for {} classes", z.len(), self.classes.len())));
         }
@@ -135,7 +133,6 @@ impl Head {
     }
 
     fn load_graph(&mut self, head_path: &Path) -> Result<()> {
-        use tract_onnx::prelude::*;
         let bad = |m: String| Error::Labels { what: head_path.display().to_string(), message: m };
         let name = self.graph.clone().ok_or_else(|| bad("an attentional-pooler head names no graph".into()))?;
         if name.contains('/') || name.contains('\\') || name.starts_with('.') {
@@ -147,14 +144,8 @@ impl Head {
             return Err(bad(format!("{}: sha256 {sha} differs from the head file's", path.display())));
         }
         let (t, w) = (self.tokens.ok_or_else(|| bad("no token count".into()))?, self.dim);
-        let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
-        let plan = crate::model::onnx()
-            .model_for_path(&path)
-            .and_then(|m| m.with_input_fact(0, f32::fact([1, t, w]).into()))
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .map_err(engine)?;
-        self.runner = GraphRunner(Some(plan));
+        let plan = crate::model::OnnxGraph::load(&path, Some(&[&[1, t, w]]), &crate::model::EngineOptions::default())?;
+        self.runner = GraphRunner(Some(std::sync::Arc::new(plan)));
         Ok(())
     }
 

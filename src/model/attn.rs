@@ -20,6 +20,8 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{ModelProto, NodeProto};
 use tract_onnx::tract_hir::internal::*;
 
+use crate::kernels::{self, parallel, Mat, Scratch, SendPtr};
+
 /// The op name our rewrite gives fused nodes (never in a graph on disk).
 pub const FUSED_OP: &str = "CocaAttention";
 
@@ -526,14 +528,6 @@ pub fn absorb_layouts(model: &mut TypedModel) -> TractResult<usize> {
     Ok(changed)
 }
 
-/// One operand of one slice: element (i, j) at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: usize,
-    cs: usize,
-}
-
 /// Every slice of `layout` into `out`; slices split over `pool`'s threads when there are several.
 fn attention(src: [&[f32]; 3], layout: &Layout, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
     let [a, b, v] = &layout.operands;
@@ -547,31 +541,23 @@ fn attention(src: [&[f32]; 3], layout: &Layout, out: &mut [f32], pool: Option<&r
     if bh == 0 || l == 0 || dv == 0 {
         return;
     }
-    let ptr = super::product::SendPtr(out.as_mut_ptr());
-    let threads = pool.map(|p| p.current_num_threads()).unwrap_or(1).min(bh);
+    let ptr = SendPtr(out.as_mut_ptr());
     // (the work of one slice is l x l2 x (d + dv) multiply-adds: tens of microseconds for a ViT)
-    if threads > 1 && bh * l * l2 * (d + dv) >= 1 << 18 {
-        let pool = pool.expect("threads > 1");
-        let per = bh.div_ceil(threads);
-        pool.scope(|s| {
-            for first in (0..bh).step_by(per) {
-                // SAFETY: views checked to lie in their buffers; each task writes its own slices
-                s.spawn(move |_| unsafe { slices(src, layout, ptr.get(), first..(first + per).min(bh)) });
-            }
-        });
-    } else {
-        // SAFETY: as above
-        unsafe { slices(src, layout, ptr.get(), 0..bh) };
-    }
+    parallel::run_shares(pool, bh, bh * l * l2 * (d + dv) >= 1 << 18, |range| {
+        // SAFETY: views checked to lie in their buffers; each share writes its own slices
+        unsafe { slices(src, layout, ptr.get(), range) }
+    });
 }
 
-/// Slices `range` (their index over the leading dims, row-major).
+/// Slices `range` (their index over the leading dims, row-major), each by the kernel table's
+/// attention slice.
 /// SAFETY: the layout is checked and the buffers have its sizes.
 unsafe fn slices(src: [&[f32]; 3], layout: &Layout, out: *mut f32, range: std::ops::Range<usize>) {
     let [a, b, v] = &layout.operands;
     let r = a.shape.len();
     let (l, d, l2, dv) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1], v.shape[r - 1]);
     let scales = (f32::from_bits(layout.scale), f32::from_bits(layout.out_scale));
+    let slice = kernels::kernels().attention;
     let mut scratch = Scratch::default();
     for h in range {
         let offset = |view: &View| -> usize {
@@ -586,301 +572,13 @@ unsafe fn slices(src: [&[f32]; 3], layout: &Layout, out: *mut f32, range: std::o
         let mat = |view: &View, base: *const f32| Mat { ptr: base.add(offset(view)), rs: view.strides[r - 2], cs: view.strides[r - 1] };
         let (ma, mb, mv) = (mat(a, src[0].as_ptr()), mat(b, src[1].as_ptr()), mat(v, src[2].as_ptr()));
         let mo = mat(&layout.out, out);
-        let dims = (l, d, l2, dv);
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            x86::slice(ma, mb, mv, mo, dims, scales, &mut scratch);
-            continue;
-        }
-        slice_portable(ma, mb, mv, mo, dims, scales, &mut scratch);
-    }
-}
-
-/// Per-thread buffers: operands copied where their rows are not contiguous, scores, row sums.
-/// (The portable loops use only the scores.)
-#[derive(Default)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-struct Scratch {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    v: Vec<f32>,
-    o: Vec<f32>,
-    s: Vec<f32>,
-    inv: Vec<f32>,
-    scale: Vec<f32>,
-}
-
-/// `m` (rows x cols) as a pointer and row stride with contiguous rows: itself where it has them,
-/// else copied into `buf`.
-/// SAFETY: `m` addresses rows x cols valid elements.
-#[cfg(target_arch = "x86_64")]
-unsafe fn contiguous_rows(m: Mat, rows: usize, cols: usize, buf: &mut Vec<f32>) -> (*const f32, usize) {
-    if m.cs == 1 || cols == 1 {
-        return (m.ptr, m.rs);
-    }
-    buf.clear();
-    buf.resize(rows * cols, 0.0);
-    if m.rs < m.cs {
-        // (k as the projection wrote it: read its contiguous rows, each written down a column;
-        // the other order misses L1 on every read once l2 rows exceed it, as an L/14's 257 do)
-        for j in 0..cols {
-            for i in 0..rows {
-                *buf.get_unchecked_mut(i * cols + j) = *m.ptr.add(i * m.rs + j * m.cs);
-            }
-        }
-    } else {
-        for i in 0..rows {
-            for j in 0..cols {
-                *buf.get_unchecked_mut(i * cols + j) = *m.ptr.add(i * m.rs + j * m.cs);
-            }
-        }
-    }
-    (buf.as_ptr(), cols)
-}
-
-/// Row by row with plain loops (CPUs without AVX-512F, where the rewrite is not made: tests).
-/// SAFETY: the matrices address valid elements of their dims, `o` writable.
-unsafe fn slice_portable(a: Mat, b: Mat, v: Mat, o: Mat, (l, d, l2, dv): (usize, usize, usize, usize), (scale, out_scale): (f32, f32), sc: &mut Scratch) {
-    sc.s.clear();
-    sc.s.resize(l2, 0.0);
-    let s = &mut sc.s;
-    for i in 0..l {
-        s.fill(0.0);
-        for kk in 0..d {
-            let x = *a.ptr.add(i * a.rs + kk * a.cs) * scale;
-            for (j, sj) in s.iter_mut().enumerate() {
-                *sj = x.mul_add(*b.ptr.add(kk * b.rs + j * b.cs), *sj);
-            }
-        }
-        let inv = softmax_unnormalised(s) * out_scale;
-        for c in 0..dv {
-            let mut acc = 0f32;
-            for (j, &p) in s.iter().enumerate() {
-                acc = p.mul_add(*v.ptr.add(j * v.rs + c * v.cs), acc);
-            }
-            *(o.ptr as *mut f32).add(i * o.rs + c * o.cs) = acc * inv;
-        }
-    }
-}
-
-/// s = exp(s - max s); returns 1 / sum. (In 16 lanes: a single running max or sum is one
-/// dependent op per element, which the compiler may not reorder for floats.)
-#[inline(always)]
-fn softmax_unnormalised(s: &mut [f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = s.chunks_exact(16);
-    for c in &mut chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = m.max(x);
-        }
-    }
-    for (m, &x) in lanes.iter_mut().zip(chunks.remainder()) {
-        *m = m.max(x);
-    }
-    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sums = [0f32; 16];
-    let mut chunks = s.chunks_exact_mut(16);
-    for c in &mut chunks {
-        for (a, x) in sums.iter_mut().zip(c.iter_mut()) {
-            *x = exp(*x - max);
-            *a += *x;
-        }
-    }
-    for (a, x) in sums.iter_mut().zip(chunks.into_remainder()) {
-        *x = exp(*x - max);
-        *a += *x;
-    }
-    1.0 / sums.iter().sum::<f32>()
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{contiguous_rows, softmax_unnormalised, Mat, Scratch};
-    use std::arch::x86_64::*;
-
-    /// Rows of a product computed together.
-    const MR: usize = 4;
-    /// Columns of a product computed together (four registers).
-    const NC: usize = 64;
-
-    /// One slice: scores = a b · scale (l x l2), softmax rows, out = scores v, rows scaled by
-    /// out_scale / sum.
-    /// SAFETY: AVX-512F; the matrices address valid elements of their dims, `o` writable.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn slice(a: Mat, b: Mat, v: Mat, o: Mat, (l, d, l2, dv): (usize, usize, usize, usize), (scale, out_scale): (f32, f32), sc: &mut Scratch) {
-        let (ap, lda) = contiguous_rows(a, l, d, &mut sc.a);
-        let (bp, ldb) = contiguous_rows(b, d, l2, &mut sc.b);
-        let (vp, ldv) = contiguous_rows(v, l2, dv, &mut sc.v);
-        sc.s.resize(l * l2, 0.0);
-        sc.inv.resize(l, 0.0);
-        let row_scale = if scale == 1.0 {
-            None
-        } else {
-            sc.scale.clear();
-            sc.scale.resize(l, scale);
-            Some(&sc.scale[..])
-        };
-        product(ap, lda, bp, ldb, sc.s.as_mut_ptr(), l2, l, d, l2, row_scale);
-        for (row, inv) in sc.s.chunks_exact_mut(l2).zip(sc.inv.iter_mut()) {
-            *inv = softmax_unnormalised(row) * out_scale;
-        }
-        if o.cs == 1 || dv == 1 {
-            product(sc.s.as_ptr(), l2, vp, ldv, o.ptr as *mut f32, o.rs, l, l2, dv, Some(&sc.inv));
-        } else {
-            sc.o.resize(l * dv, 0.0);
-            product(sc.s.as_ptr(), l2, vp, ldv, sc.o.as_mut_ptr(), dv, l, l2, dv, Some(&sc.inv));
-            for i in 0..l {
-                for c in 0..dv {
-                    *(o.ptr as *mut f32).add(i * o.rs + c * o.cs) = sc.o[i * dv + c];
-                }
-            }
-        }
-    }
-
-    /// c (rows x cols, row stride ldc) = x (rows x k, stride ldx) times y (k x cols, stride
-    /// ldy), each row of c times `scale[row]` when given.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn product(
-        x: *const f32,
-        ldx: usize,
-        y: *const f32,
-        ldy: usize,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        k: usize,
-        cols: usize,
-        scale: Option<&[f32]>,
-    ) {
-        let mut j0 = 0;
-        while j0 < cols {
-            let w = NC.min(cols - j0);
-            let mut r0 = 0;
-            while r0 < rows {
-                let r = MR.min(rows - r0);
-                let sc = scale.map(|s| s.as_ptr().add(r0));
-                let (xp, yp, cp) = (x.add(r0 * ldx), y.add(j0), c.add(r0 * ldc + j0));
-                match r {
-                    1 => block::<1>(xp, ldx, yp, ldy, cp, ldc, k, w, sc),
-                    2 => block::<2>(xp, ldx, yp, ldy, cp, ldc, k, w, sc),
-                    3 => block::<3>(xp, ldx, yp, ldy, cp, ldc, k, w, sc),
-                    _ => block::<4>(xp, ldx, yp, ldy, cp, ldc, k, w, sc),
-                }
-                r0 += r;
-            }
-            j0 += w;
-        }
-    }
-
-    fn mask(w: usize, chunk: usize) -> __mmask16 {
-        let left = w.saturating_sub(chunk * 16).min(16);
-        if left == 16 {
-            0xffff
-        } else {
-            ((1u32 << left) - 1) as u16
-        }
-    }
-
-    /// R rows by up to 64 columns (`w`), over k.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize>(
-        x: *const f32,
-        ldx: usize,
-        y: *const f32,
-        ldy: usize,
-        c: *mut f32,
-        ldc: usize,
-        k: usize,
-        w: usize,
-        scale: Option<*const f32>,
-    ) {
-        let m = [mask(w, 0), mask(w, 1), mask(w, 2), mask(w, 3)];
-        let chunks = w.div_ceil(16);
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        if chunks == 4 {
-            for kk in 0..k {
-                let yr = y.add(kk * ldy);
-                let yv = [_mm512_loadu_ps(yr), _mm512_loadu_ps(yr.add(16)), _mm512_loadu_ps(yr.add(32)), _mm512_maskz_loadu_ps(m[3], yr.add(48))];
-                for r in 0..R {
-                    let xv = _mm512_set1_ps(*x.add(r * ldx + kk));
-                    for q in 0..4 {
-                        acc[r][q] = _mm512_fmadd_ps(xv, yv[q], acc[r][q]);
-                    }
-                }
-            }
-        } else {
-            for kk in 0..k {
-                let yr = y.add(kk * ldy);
-                let mut yv = [_mm512_setzero_ps(); 4];
-                for q in 0..chunks {
-                    yv[q] = _mm512_maskz_loadu_ps(m[q], yr.add(16 * q));
-                }
-                for r in 0..R {
-                    let xv = _mm512_set1_ps(*x.add(r * ldx + kk));
-                    for q in 0..chunks {
-                        acc[r][q] = _mm512_fmadd_ps(xv, yv[q], acc[r][q]);
-                    }
-                }
-            }
-        }
-        for r in 0..R {
-            let f = _mm512_set1_ps(scale.map_or(1.0, |s| *s.add(r)));
-            for q in 0..chunks {
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * q), m[q], _mm512_mul_ps(acc[r][q], f));
-            }
-        }
-    }
-}
-
-/// e^x for x <= 0 (a softmax's shifted scores), within 2 ulp over the range that matters; 0
-/// below -87.3 (where e^x leaves the normal floats) and NaN stays NaN.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.max(-87.3);
-    let n = (xc * LOG2E + 0.5).floor();
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
-    let y = (p * r).mul_add(r, r) + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
-    let e = y * scale;
-    // (selects, not branches: the softmax loop vectorises)
-    let e = if x < -87.3 { 0.0 } else { e };
-    if x.is_nan() {
-        x
-    } else {
-        e
+        slice(ma, mb, mv, mo, (l, d, l2, dv), scales, &mut scratch);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_close_to_std() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let (got, want) = (exp(x) as f64, (x as f64).exp());
-            worst = worst.max((got - want).abs() / want);
-            x += 0.0037;
-        }
-        assert!(worst < 3e-7, "relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert_eq!(exp(-100.0), 0.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert!(exp(f32::NAN).is_nan());
-    }
 
     /// (slices, l, d, l2, dv)
     type Dims = (usize, usize, usize, usize, usize);
@@ -933,7 +631,7 @@ mod tests {
             for h in 0..bh {
                 let o = Mat { ptr: got[h * l * dv..].as_mut_ptr(), rs: dv, cs: 1 };
                 unsafe {
-                    slice_portable(
+                    crate::kernels::portable::attention_slice(
                         m(&a[h * l * d..], d),
                         m(&b[h * d * l2..], l2),
                         m(&v[h * l2 * dv..], dv),
@@ -1005,26 +703,6 @@ mod tests {
         }
     }
 
-    /// Operands without contiguous rows are copied in either loop order, whichever stride is
-    /// the unit one.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn strided_operands_copy_to_contiguous_rows() {
-        let src: Vec<f32> = (0..7 * 5).map(|i| i as f32).collect();
-        // [7, 5] read as its transpose [5, 7] (rows stride 1, columns stride 5), and every other
-        // row of [7, 5] with every other column (rows stride 10, columns stride 2)
-        for (m, rows, cols) in [(Mat { ptr: src.as_ptr(), rs: 1, cs: 5 }, 5, 7), (Mat { ptr: src.as_ptr(), rs: 10, cs: 2 }, 4, 3)] {
-            let mut buf = Vec::new();
-            let (p, ld) = unsafe { contiguous_rows(m, rows, cols, &mut buf) };
-            assert_eq!(ld, cols);
-            for i in 0..rows {
-                for j in 0..cols {
-                    assert_eq!(unsafe { *p.add(i * ld + j) }, src[i * m.rs + j * m.cs], "({i}, {j})");
-                }
-            }
-        }
-    }
-
     #[test]
     fn views_reshape_like_numpy_and_refuse_what_needs_a_copy() {
         let v = View::natural(&[2, 3, 4]);
@@ -1048,10 +726,6 @@ mod tests {
     fn fused_graph_computes_what_the_onnx_graph_does() {
         use super::super::test_proto::{attr_int as int, attr_ints as ints, model, node, value_info as vi, write_model};
         use tract_onnx::pb;
-        if !super::super::f32mm::supported() {
-            eprintln!("skipped: this CPU has no AVX-512F (the rewrite is not made)");
-            return;
-        }
         let scale = super::super::test_proto::tensor("scale", &[], &[0.35]);
         let (b, h, l, d) = (1i64, 3i64, 7i64, 8i64);
         let graph = pb::GraphProto {
@@ -1082,9 +756,9 @@ mod tests {
             tract_ndarray::Array4::from_shape_vec((b as usize, h as usize, l as usize, d as usize), v).unwrap().into_tensor().into()
         };
         let run = |ours: bool| -> Vec<Vec<f32>> {
-            let typed = super::super::load_onnx_with(&path, ours).unwrap().into_typed().unwrap();
+            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours }).unwrap().into_typed().unwrap();
             assert_eq!(typed.nodes().iter().filter(|n| n.op.name() == "Attention").count(), usize::from(ours));
-            let optimized = super::super::optimize(typed).unwrap();
+            let optimized = super::super::optimize(typed, true).unwrap();
             // the scales and k's transpose are read through the op's views
             assert!(optimized.nodes().iter().all(|n| n.op_as::<Attention>().is_none_or(|a| a.layout.is_some())));
             let plan = optimized.into_runnable().unwrap();
@@ -1108,10 +782,6 @@ mod tests {
     fn export_layout_is_read_in_place() {
         use super::super::test_proto::{attr_int as int, attr_ints as ints, ints_tensor, model, node, tensor, value_info as vi, write_model};
         use tract_onnx::pb;
-        if !super::super::f32mm::supported() {
-            eprintln!("skipped: this CPU has no AVX-512F (the rewrite is not made)");
-            return;
-        }
         let (l, heads, dh) = (9i64, 3i64, 8i64);
         let w = heads * dh;
         let mut nodes = vec![node("Reshape", &["x", "s4"], "x4", vec![]), node("Transpose", &["x4"], "xt", vec![ints("perm", &[2, 0, 1, 3])])];
@@ -1156,8 +826,8 @@ mod tests {
         let (_dir, path) = write_model(&model);
         let x: Vec<f32> = data((l * 3 * w) as usize, 5);
         let run = |ours: bool| -> (Vec<f32>, Vec<String>) {
-            let typed = super::super::load_onnx_with(&path, ours).unwrap().into_typed().unwrap();
-            let optimized = super::super::optimize(typed).unwrap();
+            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours }).unwrap().into_typed().unwrap();
+            let optimized = super::super::optimize(typed, true).unwrap();
             let ops = optimized.nodes().iter().map(|n| n.op.name().to_string()).collect();
             let plan = optimized.into_runnable().unwrap();
             let input = tract_ndarray::Array3::from_shape_vec((l as usize, 1, (3 * w) as usize), x.clone()).unwrap().into_tensor();

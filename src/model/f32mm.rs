@@ -28,7 +28,8 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, ModelProto, NodeProto};
 use tract_onnx::tract_hir::internal::*;
 
-use super::product::{SendPtr, WeightProduct, Weights};
+use super::product::{WeightProduct, Weights};
+use crate::kernels::{self, parallel, SendPtr};
 
 /// The op name our rewrite gives fused nodes (never in a graph on disk).
 pub const FUSED_OP: &str = "CocaMatMulF32";
@@ -36,25 +37,15 @@ pub const FUSED_OP: &str = "CocaMatMulF32";
 const ONNX_FLOAT: i32 = 1;
 
 /// Columns per packed block.
-const NB: usize = 32;
-
-/// Most rows a kernel holds in registers (2 x 12 accumulators, 2 weight registers).
-#[cfg(target_arch = "x86_64")]
-const MAX_ROWS: usize = 12;
+const NB: usize = kernels::F32_NB;
 
 /// Multiply-accumulates from which a product is split over the executor's threads.
 const PARALLEL_MACS: usize = 1 << 21;
 
-/// Does this CPU run the `MatMulF32` kernel?
-pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Are our f32 products (and attention) faster than tract's on this CPU, so that the rewrites
+/// are worth making? (They compute right on every CPU: the tests make them everywhere.)
+pub(crate) fn worth_fusing() -> bool {
+    kernels::kernels().fuse_f32
 }
 
 /// The op name our rewrite gives fused patch embeddings (never in a graph on disk).
@@ -675,14 +666,13 @@ impl PackedF32 {
     }
 
     /// `out` (`m` x n) = `a` (`m` x k) times the weights (plus the bias); column blocks are
-    /// split over `pool`'s threads when there is enough work. Needs [`supported`].
+    /// split over `pool`'s threads when there is enough work.
     pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
         self.matmul_add(a, m, None, out, pool)
     }
 
     /// [`PackedF32::matmul`], plus `residual` (`m` x n) when given.
     pub fn matmul_add(&self, a: &[f32], m: usize, residual: Option<&[f32]>, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
-        assert!(supported(), "CocaMatMulF32 needs AVX-512F");
         assert_eq!(a.len(), m * self.k);
         assert_eq!(out.len(), m * self.n);
         assert!(residual.is_none_or(|r| r.len() == m * self.n));
@@ -690,131 +680,33 @@ impl PackedF32 {
         if m == 0 || self.n == 0 {
             return;
         }
-        let blocks = self.blocks();
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let threads = pool.map(|p| p.current_num_threads()).unwrap_or(1).min(blocks);
-        if threads > 1 && m * self.k * self.n >= PARALLEL_MACS {
-            let pool = pool.expect("threads > 1");
-            pool.scope(|s| {
-                for t in 0..threads {
-                    // even shares of the blocks: the first (blocks % threads) take one more
-                    let (base, extra) = (blocks / threads, blocks % threads);
-                    let start = t * base + t.min(extra);
-                    let range = start..start + base + usize::from(t < extra);
-                    // SAFETY: each task writes the columns of its own blocks only
-                    s.spawn(move |_| unsafe { self.blocks_into(a, m, range, res as *const f32, out_ptr.get()) });
-                }
-            });
-        } else {
-            // SAFETY: out has m x n values
-            unsafe { self.blocks_into(a, m, 0..blocks, res as *const f32, out_ptr.get()) }
-        }
+        parallel::run_shares(pool, self.blocks(), m * self.k * self.n >= PARALLEL_MACS, |range| {
+            // SAFETY: out has m x n values; each share writes the columns of its own blocks only
+            unsafe { self.blocks_into(a, m, range, res as *const f32, out_ptr.get()) }
+        });
     }
 
-    /// Column blocks `range` of every row. SAFETY: AVX-512F; `out` points to m x n writable
-    /// values and no other thread writes these blocks' columns; `res` is null or m x n values.
+    /// Column blocks `range` of every row. SAFETY: `out` points to m x n writable values and no
+    /// other thread writes these blocks' columns; `res` is null or m x n values.
     unsafe fn blocks_into(&self, a: &[f32], m: usize, range: std::ops::Range<usize>, res: *const f32, out: *mut f32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let (k, n) = (self.k, self.n);
-            // even row tiles of at most MAX_ROWS
-            let tiles = m.div_ceil(MAX_ROWS);
-            let per = m.div_ceil(tiles);
-            for jb in range {
-                let w = self.data.as_ptr().add(jb * k * NB);
-                let cols = NB.min(n - jb * NB);
-                let bias = self.bias.as_ref().map(|b| b.as_ptr().add(jb * NB));
-                let mut r0 = 0;
-                while r0 < m {
-                    let rows = per.min(m - r0);
-                    let (ap, op) = (a.as_ptr().add(r0 * k), out.add(r0 * n + jb * NB));
-                    let rp = if res.is_null() { res } else { res.add(r0 * n + jb * NB) };
-                    x86::dispatch(rows, ap, k, w, op, n, cols, bias, rp);
-                    r0 += rows;
-                }
+        let kern = kernels::kernels();
+        let (k, n) = (self.k, self.n);
+        // even row tiles of at most the kernel's rows
+        let tiles = m.div_ceil(kern.f32_rows);
+        let per = m.div_ceil(tiles);
+        for jb in range {
+            let w = self.data.as_ptr().add(jb * k * NB);
+            let cols = NB.min(n - jb * NB);
+            let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr().add(jb * NB));
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = per.min(m - r0);
+                let (ap, op) = (a.as_ptr().add(r0 * k), out.add(r0 * n + jb * NB));
+                let rp = if res.is_null() { res } else { res.add(r0 * n + jb * NB) };
+                (kern.f32_block)(rows, ap, k, w, op, n, cols, bias, rp);
+                r0 += rows;
             }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (a, m, range, res, out);
-            unreachable!("CocaMatMulF32 is only fused on x86_64 with AVX-512F")
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::NB;
-    use std::arch::x86_64::*;
-
-    /// SAFETY: AVX-512F; see [`kernel`].
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn dispatch(
-        rows: usize,
-        a: *const f32,
-        k: usize,
-        w: *const f32,
-        out: *mut f32,
-        ldo: usize,
-        cols: usize,
-        bias: Option<*const f32>,
-        res: *const f32,
-    ) {
-        let f = match rows {
-            1 => kernel::<1>,
-            2 => kernel::<2>,
-            3 => kernel::<3>,
-            4 => kernel::<4>,
-            5 => kernel::<5>,
-            6 => kernel::<6>,
-            7 => kernel::<7>,
-            8 => kernel::<8>,
-            9 => kernel::<9>,
-            10 => kernel::<10>,
-            11 => kernel::<11>,
-            _ => kernel::<12>,
-        };
-        f(a, k, w, out, ldo, cols, bias.unwrap_or(std::ptr::null()), res)
-    }
-
-    /// `out[r, 0..cols] = bias + sum over k of a[r, kk] * w[kk, 0..cols] (+ res[r, 0..cols])`
-    /// for R rows of `a` (row stride k) and one packed block `w` (k x 32); `out` and `res` have
-    /// row stride `ldo`.
-    /// SAFETY: AVX-512F; `a` has R x k values, `w` k x 32, `out` R rows of `cols` <= 32
-    /// writable values, `bias` null or 32 values, `res` null or R rows of `cols` values.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel<const R: usize>(a: *const f32, k: usize, w: *const f32, out: *mut f32, ldo: usize, cols: usize, bias: *const f32, res: *const f32) {
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
-        for kk in 0..k {
-            let w0 = _mm512_loadu_ps(w.add(kk * NB));
-            let w1 = _mm512_loadu_ps(w.add(kk * NB + 16));
-            for r in 0..R {
-                let av = _mm512_set1_ps(*a.add(r * k + kk));
-                lo[r] = _mm512_fmadd_ps(av, w0, lo[r]);
-                hi[r] = _mm512_fmadd_ps(av, w1, hi[r]);
-            }
-        }
-        let (b0, b1) = if bias.is_null() { (_mm512_setzero_ps(), _mm512_setzero_ps()) } else { (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))) };
-        let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols <= 16 {
-            0
-        } else {
-            ((1u32 << (cols - 16)) - 1) as u16
-        };
-        for r in 0..R {
-            let o = out.add(r * ldo);
-            let (mut l, mut h) = (_mm512_add_ps(lo[r], b0), _mm512_add_ps(hi[r], b1));
-            if !res.is_null() {
-                let x = res.add(r * ldo);
-                l = _mm512_add_ps(l, _mm512_maskz_loadu_ps(m0, x));
-                h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m1, x.add(16)));
-            }
-            _mm512_mask_storeu_ps(o, m0, l);
-            _mm512_mask_storeu_ps(o.add(16), m1, h);
         }
     }
 }
@@ -856,10 +748,6 @@ mod tests {
 
     #[test]
     fn matches_the_product_for_every_row_count_odd_sizes_both_layouts_and_threads() {
-        if !supported() {
-            eprintln!("skipped: this CPU has no AVX-512F (the op is never fused here)");
-            return;
-        }
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let mut shapes: Vec<(usize, usize, usize)> = (1..=26).map(|m| (m, 19, 45)).collect();
         shapes.extend([(1, 1, 1), (50, 64, 96), (7, 130, 33), (50, 768, 200), (257, 40, 70), (3, 512, 8200)]);
@@ -897,10 +785,6 @@ mod tests {
     #[test]
     fn fused_graph_computes_what_the_onnx_graph_does() {
         use super::super::test_proto::{attr_int as attr_i, model, node, tensor, value_info, write_model};
-        if !supported() {
-            eprintln!("skipped: this CPU has no AVX-512F (the op is never fused here)");
-            return;
-        }
         let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 40.0).collect() };
         let (m, k, n, n2) = (6usize, 40usize, 70usize, 33usize);
         let graph = pb::GraphProto {
@@ -949,10 +833,10 @@ mod tests {
         let x = tract_ndarray::Array2::from_shape_vec((m, k), vals(m * k, 7)).unwrap();
         let r = tract_ndarray::Array2::from_shape_vec((m, n), vals(m * n, 8)).unwrap();
         let run = |ours: bool| -> Vec<Vec<f32>> {
-            let typed = super::super::load_onnx_with(&path, ours).unwrap().into_typed().unwrap();
+            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours }).unwrap().into_typed().unwrap();
             let named = typed.nodes().iter().filter(|n| n.op.name() == "MatMulF32").count();
             assert_eq!(named, if ours { 5 } else { 0 });
-            let optimized = super::super::optimize(typed).unwrap();
+            let optimized = super::super::optimize(typed, true).unwrap();
             let adds = optimized.nodes().iter().filter(|n| n.op.name() == "MatMulF32Add").count();
             assert_eq!(adds, usize::from(ours), "the residual add made with its product");
             let plan = optimized.into_runnable().unwrap();
@@ -975,10 +859,6 @@ mod tests {
     #[test]
     fn patch_convolutions_compute_what_the_onnx_conv_does() {
         use super::super::test_proto::{attr_ints as ints, model, node, tensor, value_info, write_model};
-        if !supported() {
-            eprintln!("skipped: this CPU has no AVX-512F (the op is never fused here)");
-            return;
-        }
         let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 40.0).collect() };
         let (b, c, h, w, o) = (2i64, 3i64, 13i64, 11i64, 37i64);
         let graph = pb::GraphProto {
@@ -1005,7 +885,7 @@ mod tests {
         let (_dir, path) = write_model(&model);
         let x = tract_ndarray::Array4::from_shape_vec((b as usize, c as usize, h as usize, w as usize), vals((b * c * h * w) as usize, 7)).unwrap();
         let run = |ours: bool| -> Vec<Vec<f32>> {
-            let typed = super::super::load_onnx_with(&path, ours).unwrap().into_typed().unwrap();
+            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours }).unwrap().into_typed().unwrap();
             assert_eq!(typed.nodes().iter().filter(|n| n.op.name() == "PatchEmbed").count(), if ours { 2 } else { 0 });
             let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
             let out = plan.run(tvec!(x.clone().into_tensor().into())).unwrap();

@@ -17,53 +17,64 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::bundle::{Bundle, Dim, GraphSpec, TensorSpec};
 
-pub mod attn;
-pub mod f32mm;
-pub mod ops;
-pub mod product;
+mod attn;
+mod f32mm;
+mod ops;
+mod product;
 #[cfg(test)]
 mod test_proto;
-pub mod w8;
+mod w8;
 
-/// COCA_TRACT_OPS=1: tract's own translations only (for comparisons and diagnosis).
-fn our_ops() -> bool {
-    std::env::var_os("COCA_TRACT_OPS").is_none_or(|v| v.is_empty() || v == "0")
+pub use crate::kernels::kernel_set;
+
+/// Which of our rewrites a graph load makes (from [`EngineOptions::tract_ops`], and whether the
+/// kernels of this CPU make our f32 products worth it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rewrites {
+    /// our ops and rewrites at all (false: tract's own translations only)
+    pub ours: bool,
+    /// products by constant f32 weights and attention through our kernels ([`f32mm`], [`attn`])
+    pub f32_products: bool,
 }
 
-/// tract's ONNX front end with our replacements for the ops it runs slowly ([`ops`]).
-pub fn onnx() -> tract_onnx::Onnx {
+impl Rewrites {
+    /// What `opts` asks for on this CPU.
+    pub fn of(opts: &EngineOptions) -> Rewrites {
+        let ours = !opts.tract_ops;
+        Rewrites { ours, f32_products: ours && f32mm::worth_fusing() }
+    }
+}
+
+/// tract's ONNX front end, with our replacements for the ops it runs slowly ([`ops`]) when
+/// `ours`.
+fn onnx(ours: bool) -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
-    if our_ops() {
+    if ours {
         ops::register(&mut onnx);
     }
     onnx
 }
 
-/// Parse an ONNX file with [`onnx`], int8-weight products fused first ([`w8`]); see
-/// [`load_onnx_with`] for the f32 ones.
+/// Parse an ONNX file with [`onnx`], int8-weight products fused first ([`w8`]), and with
+/// `rewrites.f32_products` the products by constant f32 weights ([`f32mm`]) and the attention
+/// products ([`attn`]) run by our kernels.
 ///
 /// The protobuf decoder copies every weight out of the file, and tract builds its tensors from
 /// those copies while the protobuf is alive: twice the weights in memory at once. So the large
 /// float weights are moved out of the protobuf first and handed to tract one at a time through
 /// its external-data hook ([`MovedWeights`]): each copy is freed as its tensor is made.
-pub fn load_onnx(path: &Path) -> TractResult<InferenceModel> {
-    load_onnx_with(path, false)
-}
-
-/// [`load_onnx`], and with `f32_products` the products by constant f32 weights ([`f32mm`]) and
-/// the attention products ([`attn`]) run by our kernels where the CPU has AVX-512F.
-pub fn load_onnx_with(path: &Path, f32_products: bool) -> TractResult<InferenceModel> {
-    let mut onnx = onnx();
+fn load_onnx_with(path: &Path, rewrites: Rewrites) -> TractResult<InferenceModel> {
+    let mut onnx = onnx(rewrites.ours);
     let mut proto = read_proto(path)?;
     // (lives until the protobuf is parsed: it holds the fused products' packed weights)
-    let _fused = our_ops().then(|| {
+    let _fused = rewrites.ours.then(|| {
         let fused = w8::fuse_weight_dequant(&mut proto);
         if fused.products > 0 {
             log::debug!("{}: {} products with int8 weights", path.display(), fused.products);
         }
         fused
     });
-    let _fused_f32 = (our_ops() && f32_products && f32mm::supported()).then(|| {
+    let _fused_f32 = (rewrites.ours && rewrites.f32_products).then(|| {
         let fused = f32mm::fuse_f32_weights(&mut proto);
         let attention = attn::fuse_attention(&mut proto);
         if fused.products > 0 || attention > 0 {
@@ -88,13 +99,13 @@ pub fn load_onnx_with(path: &Path, f32_products: bool) -> TractResult<InferenceM
     Ok(parsed.model)
 }
 
-/// tract's optimisation, then our attention op's operands read where tract's layout ops would
-/// have copied them from ([`attn::absorb_layouts`]), residual adds made as our products store
-/// their tiles ([`f32mm::fuse_residual_adds`]) and GELUs split over the threads
+/// tract's optimisation, then (when `ours`) our attention op's operands read where tract's
+/// layout ops would have copied them from ([`attn::absorb_layouts`]), residual adds made as our
+/// products store their tiles ([`f32mm::fuse_residual_adds`]) and GELUs split over the threads
 /// ([`ops::parallel_gelu`]).
-pub fn optimize(typed: TypedModel) -> TractResult<TypedModel> {
+fn optimize(typed: TypedModel, ours: bool) -> TractResult<TypedModel> {
     let mut optimized = typed.into_optimized()?;
-    if !our_ops() {
+    if !ours {
         return Ok(optimized);
     }
     let absorbed = attn::absorb_layouts(&mut optimized)?;
@@ -107,6 +118,51 @@ pub fn optimize(typed: TypedModel) -> TractResult<TypedModel> {
 }
 
 use crate::error::{Error, Result};
+
+/// A standalone ONNX graph with f32 inputs and outputs (a trained head's graph, test graphs),
+/// parsed with our op replacements and int8-weight products unless
+/// [`EngineOptions::tract_ops`], and optimised by tract. Its f32 products stay tract's: such
+/// graphs are small.
+pub struct OnnxGraph {
+    path: PathBuf,
+    plan: Arc<TypedRunnableModel>,
+}
+
+impl std::fmt::Debug for OnnxGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxGraph").field("path", &self.path).finish()
+    }
+}
+
+impl OnnxGraph {
+    /// Load `path`; `inputs`, when given, fixes the f32 shape of each input in order (else the
+    /// graph's own declarations stand).
+    pub fn load(path: &Path, inputs: Option<&[&[usize]]>, opts: &EngineOptions) -> Result<OnnxGraph> {
+        let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
+        let mut model = load_onnx_with(path, Rewrites { ours: !opts.tract_ops, f32_products: false }).map_err(engine)?;
+        for (ix, shape) in inputs.unwrap_or(&[]).iter().enumerate() {
+            model = model.with_input_fact(ix, f32::fact(*shape).into()).map_err(engine)?;
+        }
+        let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(engine)?;
+        Ok(OnnxGraph { path: path.to_path_buf(), plan })
+    }
+
+    /// How many ops of tract's op name `op` the optimised graph holds (e.g. "MatMulW8").
+    pub fn op_count(&self, op: &str) -> usize {
+        self.plan.model().nodes().iter().filter(|n| n.op().name() == op).count()
+    }
+
+    /// Run with f32 inputs (shape, row-major values); every output as f32 values, row-major.
+    pub fn run(&self, inputs: &[(&[usize], &[f32])]) -> Result<Vec<Vec<f32>>> {
+        let what = || self.path.display().to_string();
+        let mut tv: TVec<TValue> = tvec!();
+        for (shape, values) in inputs {
+            tv.push(Tensor::from_shape(shape, values).map_err(|e| Error::engine(format!("{}: input", what()), e))?.into_tvalue());
+        }
+        let out = self.plan.run(tv).map_err(|e| Error::engine(what(), e))?;
+        out.iter().map(|t| Ok(f32_output(t, &what())?.to_vec())).collect()
+    }
+}
 
 /// Decode an ONNX protobuf from a file through a 1 MB window. tract's own reader maps the file
 /// whole, and every page the decoder has read stays resident until the decoded copy is
@@ -177,7 +233,7 @@ impl bytes::Buf for FileWindow {
     }
 }
 
-/// Weights of at least this many bytes are moved out of the protobuf ([`load_onnx`]).
+/// Weights of at least this many bytes are moved out of the protobuf ([`load_onnx_with`]).
 const MOVE_BYTES: usize = 1 << 16;
 /// Offsets at or above this name moved weights (no real file is that large).
 const MOVED_BASE: u64 = 1 << 40;
@@ -320,11 +376,19 @@ pub struct EngineOptions {
     /// Load f16 graphs even where tract has no fp16 kernel for this CPU (see
     /// [`check_precision`]).
     pub force_precision: bool,
+    /// tract's own translation of every op, none of ours (for comparisons and diagnosis).
+    /// The default comes from the environment: `COCA_TRACT_OPS=1`.
+    pub tract_ops: bool,
+}
+
+/// `COCA_TRACT_OPS` set to anything but empty or "0": the one place it is read.
+fn tract_ops_from_env() -> bool {
+    std::env::var_os("COCA_TRACT_OPS").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { threads: 0, precision: "f32".into(), force_precision: false }
+        EngineOptions { threads: 0, precision: "f32".into(), force_precision: false, tract_ops: tract_ops_from_env() }
     }
 }
 
@@ -404,10 +468,12 @@ impl Graph {
         let mismatch = |message: String| Error::GraphMismatch { path: path.clone(), message };
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
 
-        // our f32 products and attention in every graph (f32mm, attn; AVX-512 CPUs only): the
-        // image encoder's many-row products are where tract's kernels fall behind, and the
-        // decoder step's too (B/32, 2 threads: 6-beam step 47 -> 37 ms, 1-beam 28 -> 26 ms)
-        let mut model = load_onnx_with(&path, true).map_err(|e| Error::Engine {
+        // our f32 products and attention in every graph where the kernels make them pay
+        // (f32mm, attn; AVX-512 CPUs today): the image encoder's many-row products are where
+        // tract's kernels fall behind, and the decoder step's too (B/32, 2 threads: 6-beam step
+        // 47 -> 37 ms, 1-beam 28 -> 26 ms)
+        let rewrites = Rewrites::of(opts);
+        let mut model = load_onnx_with(&path, rewrites).map_err(|e| Error::Engine {
             what: path.display().to_string(),
             message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))),
         })?;
@@ -503,7 +569,7 @@ impl Graph {
                 return Err(mismatch(format!("output '{}' is {:?}, manifest says {}", t.name, fact.datum_type, t.dtype)));
             }
         }
-        let optimized = optimize(typed).map_err(engine)?;
+        let optimized = optimize(typed, rewrites.ours).map_err(engine)?;
         mem("optimised");
         let plan = optimized.into_runnable_with_options(&opts.run_options()).map_err(engine)?;
         mem("planned");
@@ -521,7 +587,7 @@ impl Graph {
 
     /// Time each operator over `runs` runs of `inputs`: (operator kind, total ms, count),
     /// most expensive first. For finding where the time goes (`coca bench --profile`).
-    pub fn profile(&self, inputs: TVec<TValue>, runs: usize) -> Result<Vec<(String, f64, usize)>> {
+    pub(crate) fn profile(&self, inputs: TVec<TValue>, runs: usize) -> Result<Vec<(String, f64, usize)>> {
         use std::collections::HashMap;
         let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
         for _ in 0..runs {
@@ -947,6 +1013,7 @@ pub fn kernel_report(m: usize, k: usize, n: usize) -> KernelReport {
 
 #[cfg(test)]
 mod load_tests {
+    const OURS: super::Rewrites = super::Rewrites { ours: true, f32_products: false };
     use super::test_proto::{model, node, tensor, value_info};
     use super::*;
     use prost::Message;
@@ -979,7 +1046,7 @@ mod load_tests {
         let model = model(graph);
         let path = dir.path().join("m.onnx");
         std::fs::write(&path, model.encode_to_vec()).unwrap();
-        let plan = load_onnx(&path).unwrap().into_optimized().unwrap().into_runnable().unwrap();
+        let plan = load_onnx_with(&path, OURS).unwrap().into_optimized().unwrap().into_runnable().unwrap();
         let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let y = plan.run(tvec!(tract_ndarray::Array1::from(x.clone()).into_tensor().into())).unwrap();
         let y = y[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
@@ -989,6 +1056,6 @@ mod load_tests {
         // a truncated file is an error, not a panic
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-        assert!(load_onnx(&path).is_err());
+        assert!(load_onnx_with(&path, OURS).is_err());
     }
 }

@@ -123,39 +123,9 @@ impl Op for QuantizeI8 {
     op_as_typed_op!();
 }
 
-/// round half to even for |x| <= 2^22 (the input is clamped to the int8 range first):
-/// adding and removing 1.5 * 2^23 leaves the nearest integer in f32's mantissa, branch-free
-/// and vectorisable on baseline x86-64 (no SSE4.1 `roundps` needed).
-const ROUND_MAGIC: f32 = 12_582_912.0;
-
+/// Quantize through the kernel table ([`crate::kernels::QuantizeI8`]).
 pub fn quantize_i8(xs: &[f32], ys: &mut [i8], inv_scale: f32, zero_point: i8) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2
-        return unsafe { quantize_i8_avx2(xs, ys, inv_scale, zero_point) };
-    }
-    quantize_i8_body(xs, ys, inv_scale, zero_point)
-}
-
-/// The same loop compiled with VEX encoding: after tract's AVX kernels have run, legacy-SSE
-/// code on this thread ran 4x slower here (1.9 vs 0.5 ns per value in the B/32 graph).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_i8_avx2(xs: &[f32], ys: &mut [i8], inv_scale: f32, zero_point: i8) {
-    quantize_i8_body(xs, ys, inv_scale, zero_point)
-}
-
-#[inline(always)]
-fn quantize_i8_body(xs: &[f32], ys: &mut [i8], inv_scale: f32, zero_point: i8) {
-    let lo = -128.0 - zero_point as f32;
-    let hi = 127.0 - zero_point as f32;
-    for (y, &x) in ys.iter_mut().zip(xs) {
-        // max/min map NaN to the low bound, so the cast below always sees a value in range
-        let v = (x * inv_scale).max(lo).min(hi);
-        let r = (v + ROUND_MAGIC) - ROUND_MAGIC;
-        // SAFETY: r is finite and in [-128 - z, 127 - z], an integral value
-        *y = (unsafe { r.to_int_unchecked::<i32>() } + zero_point as i32) as i8;
-    }
+    (crate::kernels::kernels().quantize_i8)(xs, ys, inv_scale, zero_point)
 }
 
 impl EvalOp for QuantizeI8 {
@@ -319,91 +289,10 @@ impl Op for LayerNorm {
     op_as_typed_op!();
 }
 
-/// Normalise `x` viewed as [outer, n, inner] along n into `y`. Rows (inner == 1) are
-/// contiguous; otherwise the statistics of the `inner` columns are accumulated side by side,
-/// which keeps every loop over contiguous memory.
+/// Normalise `x` viewed as [outer, n, inner] along n into `y`, through the kernel table
+/// ([`crate::kernels::LayerNorm`]).
 pub fn layer_norm(x: &[f32], y: &mut [f32], n: usize, inner: usize, scale: &[f32], bias: &[f32], eps: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F
-            return unsafe { layer_norm_avx512(x, y, n, inner, scale, bias, eps) };
-        }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2
-            return unsafe { layer_norm_avx2(x, y, n, inner, scale, bias, eps) };
-        }
-    }
-    layer_norm_body(x, y, n, inner, scale, bias, eps)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn layer_norm_avx512(x: &[f32], y: &mut [f32], n: usize, inner: usize, scale: &[f32], bias: &[f32], eps: f32) {
-    layer_norm_body(x, y, n, inner, scale, bias, eps)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn layer_norm_avx2(x: &[f32], y: &mut [f32], n: usize, inner: usize, scale: &[f32], bias: &[f32], eps: f32) {
-    layer_norm_body(x, y, n, inner, scale, bias, eps)
-}
-
-/// `Σ f(x)` over 16 independent partial sums: a single running sum is one dependent add per
-/// element (the compiler may not reorder float adds), 16 of them vectorise.
-#[inline(always)]
-fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v);
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
-        *a += f(v);
-    }
-    acc.iter().sum()
-}
-
-#[inline(always)]
-fn layer_norm_body(x: &[f32], y: &mut [f32], n: usize, inner: usize, scale: &[f32], bias: &[f32], eps: f32) {
-    let block = n * inner;
-    if inner == 1 {
-        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-            let mean = lane_sum(xr, |v| v) / n as f32;
-            let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / n as f32;
-            let r = 1.0 / (var + eps).sqrt();
-            for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
-                *o = (v - mean) * r * g + b;
-            }
-        }
-        return;
-    }
-    let mut mean = vec![0f32; inner];
-    let mut var = vec![0f32; inner];
-    for (xb, yb) in x.chunks_exact(block).zip(y.chunks_exact_mut(block)) {
-        mean.iter_mut().for_each(|m| *m = 0.0);
-        var.iter_mut().for_each(|m| *m = 0.0);
-        for row in xb.chunks_exact(inner) {
-            for (m, &v) in mean.iter_mut().zip(row) {
-                *m += v;
-            }
-        }
-        mean.iter_mut().for_each(|m| *m /= n as f32);
-        for row in xb.chunks_exact(inner) {
-            for ((s, &v), &m) in var.iter_mut().zip(row).zip(&mean) {
-                *s += (v - m) * (v - m);
-            }
-        }
-        var.iter_mut().for_each(|s| *s = 1.0 / (*s / n as f32 + eps).sqrt());
-        for (i, (row, out)) in xb.chunks_exact(inner).zip(yb.chunks_exact_mut(inner)).enumerate() {
-            let (g, b) = (scale[i], bias[i]);
-            for (((o, &v), &m), &r) in out.iter_mut().zip(row).zip(&mean).zip(&var) {
-                *o = (v - m) * r * g + b;
-            }
-        }
-    }
+    (crate::kernels::kernels().layer_norm)(x, y, n, inner, scale, bias, eps)
 }
 
 impl EvalOp for LayerNorm {
@@ -523,42 +412,18 @@ impl TypedOp for GeluParallel {
     as_op!();
 }
 
-/// GELU in place, in even shares over `pool`'s threads when there are several and enough values.
+/// GELU in place ([`crate::kernels::gelu`] with tract-linalg's erf kernel), in even shares over
+/// `pool`'s threads when there are several and enough values.
 pub fn gelu(xs: &mut [f32], pool: Option<&rayon::ThreadPool>) -> TractResult<()> {
     let erf = tract_linalg::routines::Func::Erf.ew_f32()?;
-    let threads = pool.map(|p| p.current_num_threads()).unwrap_or(1);
-    if threads < 2 || xs.len() < GELU_PARALLEL {
-        return gelu_chunk(xs, &*erf);
-    }
-    let pool = pool.expect("threads > 1");
-    let results = std::sync::Mutex::new(Vec::new());
-    pool.scope(|s| {
-        for part in xs.chunks_mut(xs.len().div_ceil(threads)) {
-            let (erf, results) = (&erf, &results);
-            s.spawn(move |_| {
-                let r = gelu_chunk(part, &**erf);
-                results.lock().unwrap_or_else(|e| e.into_inner()).push(r);
-            });
-        }
+    let ptr = crate::kernels::SendPtr(xs.as_mut_ptr());
+    let len = xs.len();
+    let results = crate::kernels::parallel::run_shares(pool, len, len >= GELU_PARALLEL, |range| {
+        // SAFETY: the shares are disjoint ranges of `xs`, which outlives the split
+        let part = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(range.start), range.len()) };
+        crate::kernels::gelu(part, &mut |e| erf.run(e))
     });
-    results.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().collect()
-}
-
-fn gelu_chunk(xs: &mut [f32], erf: &dyn tract_linalg::element_wise::ElementWise<f32>) -> TractResult<()> {
-    const CHUNK: usize = 1024;
-    let c = std::f32::consts::FRAC_1_SQRT_2;
-    let mut scaled = [0f32; CHUNK];
-    for chunk in xs.chunks_mut(CHUNK) {
-        let e = &mut scaled[..chunk.len()];
-        for (s, &x) in e.iter_mut().zip(chunk.iter()) {
-            *s = x * c;
-        }
-        erf.run(e)?;
-        for (x, &e) in chunk.iter_mut().zip(e.iter()) {
-            *x = (*x * 0.5) * (e + 1.0);
-        }
-    }
-    Ok(())
+    results.into_iter().collect()
 }
 
 /// In an optimised model, run each f32 `GeluExact` over the threads ([`GeluParallel`]).

@@ -27,20 +27,6 @@ pub fn with_executor_pool<R>(f: impl FnOnce(Option<&rayon::ThreadPool>) -> R) ->
     }
 }
 
-/// An output pointer handed to the pool's tasks, each writing its own disjoint part.
-#[derive(Clone, Copy)]
-pub struct SendPtr(pub *mut f32);
-
-impl SendPtr {
-    /// (a method, so closures capture the Send wrapper rather than its raw pointer field)
-    pub fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: used only to hand disjoint parts of one output to the pool's tasks
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// `x [.., k] -> [.., n]` with weights held by the op (parse-time expansion).
 #[derive(Debug)]
 pub struct WeightProduct<W: Weights> {

@@ -18,7 +18,8 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, ModelProto, NodeProto};
 use tract_onnx::tract_hir::internal::*;
 
-use super::product::{SendPtr, WeightProduct, Weights};
+use super::product::{WeightProduct, Weights};
+use crate::kernels::{self, parallel, SendPtr};
 
 /// The op name our rewrite gives fused nodes (never in a graph on disk).
 pub const FUSED_OP: &str = "CocaMatMulW8";
@@ -27,7 +28,7 @@ const ONNX_FLOAT: i32 = 1;
 const ONNX_INT8: i32 = 3;
 
 /// Columns per packed block (two AVX vectors of f32).
-const NB: usize = 16;
+const NB: usize = kernels::W8_NB;
 
 /// Is this initializer's data inline and all zeros (an int8 zero point)?
 fn all_zero(t: &pb::TensorProto) -> bool {
@@ -234,40 +235,25 @@ impl PackedW8 {
         PackedW8 { k, n, data, scale: sc }
     }
 
-    pub fn bytes(&self) -> usize {
-        self.data.len() + self.scale.len() * 4
-    }
-
     /// `out` (`m` x n) = `a` (`m` x k) times the dequantised weights; column blocks are split
     /// over `pool`'s threads when there is enough work.
     pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
         assert_eq!(a.len(), m * self.k);
         assert_eq!(out.len(), m * self.n);
-        let blocks = self.n.div_ceil(NB);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let threads = pool.map(|p| p.current_num_threads()).unwrap_or(1).min(blocks);
         // waking the pool costs some microseconds a call: only products of a few MB of int8
         // weights per row group (the vocabulary projection at batch 1, most at 6 beams) gain
-        if threads > 1 && m * self.k * self.n >= PARALLEL_MACS {
-            let pool = pool.expect("threads > 1");
-            let per = blocks.div_ceil(threads);
-            pool.scope(|s| {
-                for t in 0..threads {
-                    let range = t * per..((t + 1) * per).min(blocks);
-                    // SAFETY: each task writes the columns of its own blocks only
-                    s.spawn(move |_| unsafe { self.blocks(a, m, range, out_ptr.get()) });
-                }
-            });
-        } else {
-            // SAFETY: out has m x n values
-            unsafe { self.blocks(a, m, 0..blocks, out_ptr.get()) }
-        }
+        parallel::run_shares(pool, self.n.div_ceil(NB), m * self.k * self.n >= PARALLEL_MACS, |range| {
+            // SAFETY: out has m x n values; each share writes the columns of its own blocks only
+            unsafe { self.blocks(a, m, range, out_ptr.get()) }
+        });
     }
 
     /// Column blocks `range` of every row. SAFETY: `out` points to m x n writable values and no
     /// other thread writes these blocks' columns.
     unsafe fn blocks(&self, a: &[f32], m: usize, range: std::ops::Range<usize>, out: *mut f32) {
         let (k, n) = (self.k, self.n);
+        let kernel = kernels::kernels().w8_block;
         let mut acc = [[0f32; NB]; MAX_ROWS];
         for jb in range {
             let w = &self.data[jb * k * NB..(jb + 1) * k * NB];
@@ -293,142 +279,7 @@ impl PackedW8 {
 const PARALLEL_MACS: usize = 1 << 23;
 
 /// Rows computed together, so each weight block is read once per group of rows.
-const MAX_ROWS: usize = 6;
-
-/// acc[r] = sum over k of a[r, k] * w[k, 0..16] for `rows` rows of `a` (row stride k).
-fn kernel(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f32; NB]]) {
-    debug_assert!(rows <= MAX_ROWS && a.len() == rows * k && w.len() == k * NB);
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; the slices have the sizes asserted above
-        unsafe {
-            let (a, w, o) = (a.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
-            match rows {
-                1 => x86::kernel512::<1, 4>(a, k, w, o),
-                2 => x86::kernel512::<2, 2>(a, k, w, o),
-                3 => x86::kernel512::<3, 2>(a, k, w, o),
-                4 => x86::kernel512::<4, 1>(a, k, w, o),
-                5 => x86::kernel512::<5, 1>(a, k, w, o),
-                _ => x86::kernel512::<6, 1>(a, k, w, o),
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA; the slices have the sizes asserted above
-        unsafe {
-            let (a, w, o) = (a.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
-            match rows {
-                1 => x86::kernel::<1, 4>(a, k, w, o),
-                2 => x86::kernel::<2, 2>(a, k, w, o),
-                3 => x86::kernel::<3, 2>(a, k, w, o),
-                4 => x86::kernel::<4, 1>(a, k, w, o),
-                5 => x86::kernel::<5, 1>(a, k, w, o),
-                _ => x86::kernel::<6, 1>(a, k, w, o),
-            }
-        }
-        return;
-    }
-    kernel_portable(a, rows, k, w, acc)
-}
-
-/// The same sums in plain Rust (vectorised by the compiler where it can: NEON on aarch64).
-fn kernel_portable(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f32; NB]]) {
-    for (r, out) in acc.iter_mut().enumerate().take(rows) {
-        let mut s = [0f32; NB];
-        for (&x, wk) in a[r * k..(r + 1) * k].iter().zip(w.chunks_exact(NB)) {
-            for j in 0..NB {
-                s[j] += x * wk[j] as f32;
-            }
-        }
-        *out = s;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::NB;
-    use std::arch::x86_64::*;
-
-    /// The AVX-512 form: one 16-lane register per block row, the int8 -> i32 widening reads
-    /// memory directly (4 instructions per 16 weights and row against 9 with AVX2).
-    /// SAFETY: AVX-512F; `a` has R x k values, `w` k x 16, `out` R blocks.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel512<const R: usize, const U: usize>(a: *const f32, k: usize, w: *const i8, out: *mut [f32; NB]) {
-        let mut acc = [[_mm512_setzero_ps(); U]; R];
-        let main = k / U * U;
-        let mut kk = 0;
-        while kk < main {
-            for u in 0..U {
-                let wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(w.add((kk + u) * NB) as *const __m128i)));
-                for r in 0..R {
-                    acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * k + kk + u)), wv, acc[r][u]);
-                }
-            }
-            kk += U;
-        }
-        while kk < k {
-            let wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(w.add(kk * NB) as *const __m128i)));
-            for r in 0..R {
-                acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * k + kk)), wv, acc[r][0]);
-            }
-            kk += 1;
-        }
-        for r in 0..R {
-            let mut v = acc[r][0];
-            for u in 1..U {
-                v = _mm512_add_ps(v, acc[r][u]);
-            }
-            _mm512_storeu_ps((*out.add(r)).as_mut_ptr(), v);
-        }
-    }
-
-    /// `R` rows, `U` independent accumulator sets along k (so a single row still keeps
-    /// 8 FMA chains in flight). SAFETY: AVX2 + FMA; `a` has R x k values, `w` k x 16,
-    /// `out` R blocks.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel<const R: usize, const U: usize>(a: *const f32, k: usize, w: *const i8, out: *mut [f32; NB]) {
-        let mut lo = [[_mm256_setzero_ps(); U]; R];
-        let mut hi = [[_mm256_setzero_ps(); U]; R];
-        let main = k / U * U;
-        let mut kk = 0;
-        while kk < main {
-            for u in 0..U {
-                let x = _mm_loadu_si128(w.add((kk + u) * NB) as *const __m128i);
-                let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
-                let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(x, x)));
-                for r in 0..R {
-                    let av = _mm256_broadcast_ss(&*a.add(r * k + kk + u));
-                    lo[r][u] = _mm256_fmadd_ps(av, w0, lo[r][u]);
-                    hi[r][u] = _mm256_fmadd_ps(av, w1, hi[r][u]);
-                }
-            }
-            kk += U;
-        }
-        while kk < k {
-            let x = _mm_loadu_si128(w.add(kk * NB) as *const __m128i);
-            let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
-            let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(x, x)));
-            for r in 0..R {
-                let av = _mm256_broadcast_ss(&*a.add(r * k + kk));
-                lo[r][0] = _mm256_fmadd_ps(av, w0, lo[r][0]);
-                hi[r][0] = _mm256_fmadd_ps(av, w1, hi[r][0]);
-            }
-            kk += 1;
-        }
-        for r in 0..R {
-            let (mut l, mut h) = (lo[r][0], hi[r][0]);
-            for u in 1..U {
-                l = _mm256_add_ps(l, lo[r][u]);
-                h = _mm256_add_ps(h, hi[r][u]);
-            }
-            let o = (*out.add(r)).as_mut_ptr();
-            _mm256_storeu_ps(o, l);
-            _mm256_storeu_ps(o.add(8), h);
-        }
-    }
-}
+const MAX_ROWS: usize = kernels::W8_MAX_ROWS;
 
 impl Weights for PackedW8 {
     const OP: &'static str = "MatMulW8";
@@ -483,46 +334,18 @@ mod tests {
                         assert!(close(g, i), "m {m} k {k} n {n}: {g} vs {}", want[i]);
                     }
                 }
-                // every kernel this CPU can run, on the first column block, for each row count
+                // every kernel table this CPU runs, on the first column block, for each row count
                 for rows in 1..=m.min(MAX_ROWS) {
                     let (a, w) = (&a[..rows * k], &p.data[..k * NB]);
                     let mut kernels: Vec<(&str, Vec<[f32; NB]>)> = Vec::new();
-                    let mut out = vec![[0f32; NB]; rows];
-                    kernel_portable(a, rows, k, w, &mut out);
-                    kernels.push(("portable", out));
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let one = |f: unsafe fn(*const f32, usize, *const i8, *mut [f32; NB])| {
-                            let mut out = vec![[0f32; NB]; rows];
-                            f(a.as_ptr(), k, w.as_ptr(), out.as_mut_ptr());
-                            out
+                    for (name, table) in crate::kernels::candidates() {
+                        let Ok(table) = table else {
+                            eprintln!("skipped {name}: not on this CPU");
+                            continue;
                         };
-                        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                            kernels.push((
-                                "avx2",
-                                match rows {
-                                    1 => one(x86::kernel::<1, 4>),
-                                    2 => one(x86::kernel::<2, 2>),
-                                    3 => one(x86::kernel::<3, 2>),
-                                    4 => one(x86::kernel::<4, 1>),
-                                    5 => one(x86::kernel::<5, 1>),
-                                    _ => one(x86::kernel::<6, 1>),
-                                },
-                            ));
-                        }
-                        if std::is_x86_feature_detected!("avx512f") {
-                            kernels.push((
-                                "avx512",
-                                match rows {
-                                    1 => one(x86::kernel512::<1, 4>),
-                                    2 => one(x86::kernel512::<2, 2>),
-                                    3 => one(x86::kernel512::<3, 2>),
-                                    4 => one(x86::kernel512::<4, 1>),
-                                    5 => one(x86::kernel512::<5, 1>),
-                                    _ => one(x86::kernel512::<6, 1>),
-                                },
-                            ));
-                        }
+                        let mut out = vec![[0f32; NB]; rows];
+                        (table.w8_block)(a, rows, k, w, &mut out);
+                        kernels.push((name, out));
                     }
                     for (name, got) in kernels {
                         for r in 0..rows {
