@@ -399,17 +399,13 @@ pub unsafe extern "C" fn coca_model_open(bundle_dir: *const c_char, options: *co
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.threads {} is absurd", o.threads)));
             }
             let board = if o.board.is_null() { None } else { crate::board::BoardProfile::resolve(str_arg(o.board, "options.board")?)?.map(|(b, _)| b) };
-            let precision = if !o.precision.is_null() {
-                str_arg(o.precision, "options.precision")?.to_string()
-            } else {
-                board.as_ref().map(|b| b.precision.clone()).unwrap_or_else(|| "f32".into())
-            };
-            let threads = if o.threads == 0 { board.as_ref().map(|b| b.threads_here()).unwrap_or(0) } else { o.threads as usize };
+            let precision = if o.precision.is_null() { None } else { Some(str_arg(o.precision, "options.precision")?) };
+            let threads = (o.threads != 0).then_some(o.threads as usize);
             let backend = if o.backend.is_null() { "cpu" } else { str_arg(o.backend, "options.backend")? };
             if backend != "cpu" {
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.backend '{backend}': only 'cpu' is available in this build")));
             }
-            opts.engine = EngineOptions { threads, precision, ..Default::default() };
+            opts.engine = EngineOptions::for_board(board.as_ref(), threads, precision);
             cache = o.label_cache != 0;
         }
         if cache {

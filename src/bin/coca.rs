@@ -440,16 +440,8 @@ fn engine_options(g: &Global) -> Result<EngineOptions> {
     if g.threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
     }
-    let mut opts = EngineOptions { threads: g.threads.unwrap_or(0), ..Default::default() };
-    if let Some((b, _)) = board(g)? {
-        if g.threads.is_none() {
-            opts.threads = b.threads_here();
-        }
-        opts.precision = b.precision;
-    }
-    if let Some(p) = &g.precision {
-        opts.precision = p.clone();
-    }
+    let board = board(g)?;
+    let mut opts = EngineOptions::for_board(board.as_ref().map(|(b, _)| b), g.threads, g.precision.as_deref());
     opts.force_precision = g.force_precision;
     Ok(opts)
 }
