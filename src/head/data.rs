@@ -49,7 +49,7 @@ impl Dataset {
             let mut files: Vec<PathBuf> = std::fs::read_dir(&d)
                 .map_err(|e| Error::io(&d, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| crate::source::is_image_file(p))
+                .filter(|p| crate::vision::is_image_file(p))
                 .collect();
             files.sort();
             if files.is_empty() {
