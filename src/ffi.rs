@@ -24,7 +24,7 @@ use std::sync::{Mutex, RwLock};
 use crate::classify::{self, LabelSet, Score, Templates};
 use crate::error::Error;
 use crate::model::EngineOptions;
-use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::pipeline::{FrameRequest, FrameResult, Pipeline, PipelineOptions};
 use crate::vision::{self, PixelFormat};
 
 /// Result of every fallible call.
@@ -160,13 +160,19 @@ struct ModelInner {
 
 /// The output of one processed frame.
 pub struct CocaResult {
-    embedding: Vec<f32>,
-    /// captioning tokens, kept so `coca_model_caption` needs no second encoder pass
-    tokens: Vec<f32>,
-    scores: Vec<Score>,
+    /// the features (kept so `coca_model_caption` needs no second encoder pass) and scores
+    frame: FrameResult,
     labels_c: Vec<CString>,
-    head_scores: Vec<Score>,
     head_labels_c: Vec<CString>,
+}
+
+impl CocaResult {
+    fn scores(&self) -> &[Score] {
+        self.frame.scores.as_deref().unwrap_or_default()
+    }
+    fn head_scores(&self) -> &[Score] {
+        self.frame.head_scores.as_deref().unwrap_or_default()
+    }
 }
 
 // ------------------------------------------------------------------------------ errors and guard
@@ -399,17 +405,13 @@ pub unsafe extern "C" fn coca_model_open(bundle_dir: *const c_char, options: *co
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.threads {} is absurd", o.threads)));
             }
             let board = if o.board.is_null() { None } else { crate::board::BoardProfile::resolve(str_arg(o.board, "options.board")?)?.map(|(b, _)| b) };
-            let precision = if !o.precision.is_null() {
-                str_arg(o.precision, "options.precision")?.to_string()
-            } else {
-                board.as_ref().map(|b| b.precision.clone()).unwrap_or_else(|| "f32".into())
-            };
-            let threads = if o.threads == 0 { board.as_ref().map(|b| b.threads_here()).unwrap_or(0) } else { o.threads as usize };
+            let precision = if o.precision.is_null() { None } else { Some(str_arg(o.precision, "options.precision")?) };
+            let threads = (o.threads != 0).then_some(o.threads as usize);
             let backend = if o.backend.is_null() { "cpu" } else { str_arg(o.backend, "options.backend")? };
             if backend != "cpu" {
                 return Err(fail(CocaStatus::InvalidArgument, format!("options.backend '{backend}': only 'cpu' is available in this build")));
             }
-            opts.engine = EngineOptions { threads, precision, ..Default::default() };
+            opts.engine = EngineOptions::for_board(board.as_ref(), threads, precision);
             cache = o.label_cache != 0;
         }
         if cache {
@@ -531,18 +533,17 @@ pub unsafe extern "C" fn coca_model_process(
         if top_k > 0 && inner.labels.is_none() && inner.head.is_none() {
             return Err(fail(CocaStatus::NoLabels, "top_k > 0 but neither labels nor a head are set: call coca_model_set_labels or coca_model_set_head first"));
         }
-        let features = inner.pipeline.embed_image(&img)?;
-        let scores = match (&inner.labels, top_k) {
-            (Some(set), k) if k > 0 => inner.pipeline.classify(&features, set, k as usize)?,
-            _ => Vec::new(),
+        let scored = top_k > 0;
+        let req = FrameRequest {
+            labels: inner.labels.as_ref().filter(|_| scored),
+            head: inner.head.as_ref().filter(|_| scored),
+            top_k: top_k as usize,
+            ..Default::default()
         };
-        let head_scores = match (&inner.head, top_k) {
-            (Some(h), k) if k > 0 => inner.pipeline.classify_head(&features, h, k as usize)?,
-            _ => Vec::new(),
-        };
-        let c_names = |v: &[Score]| v.iter().map(|s| CString::new(s.label.replace('\0', " ")).unwrap_or_default()).collect();
-        let (labels_c, head_labels_c) = (c_names(&scores), c_names(&head_scores));
-        out.write(Box::into_raw(Box::new(CocaResult { embedding: features.embedding, tokens: features.tokens, scores, labels_c, head_scores, head_labels_c })));
+        let frame = inner.pipeline.process(&img, &req)?;
+        let c_names = |v: Option<&Vec<Score>>| v.into_iter().flatten().map(|s| CString::new(s.label.replace('\0', " ")).unwrap_or_default()).collect();
+        let (labels_c, head_labels_c) = (c_names(frame.scores.as_ref()), c_names(frame.head_scores.as_ref()));
+        out.write(Box::into_raw(Box::new(CocaResult { frame, labels_c, head_labels_c })));
         Ok(())
     })
 }
@@ -554,7 +555,8 @@ pub unsafe extern "C" fn coca_model_process(
 pub unsafe extern "C" fn coca_result_embedding(result: *const CocaResult, out: *mut f32, cap: usize, written: *mut usize) -> CocaStatus {
     guard(None, || {
         let r = result.as_ref().ok_or_else(|| fail(CocaStatus::NullPointer, "result is null"))?;
-        let n = r.embedding.len();
+        let embedding = &r.frame.features.embedding;
+        let n = embedding.len();
         if !written.is_null() {
             written.write(n);
         }
@@ -564,7 +566,7 @@ pub unsafe extern "C" fn coca_result_embedding(result: *const CocaResult, out: *
         if out.is_null() {
             return Err(fail(CocaStatus::NullPointer, "out is null"));
         }
-        std::ptr::copy_nonoverlapping(r.embedding.as_ptr(), out, n);
+        std::ptr::copy_nonoverlapping(embedding.as_ptr(), out, n);
         Ok(())
     })
 }
@@ -575,7 +577,7 @@ pub unsafe extern "C" fn coca_result_embedding(result: *const CocaResult, out: *
 pub unsafe extern "C" fn coca_result_labels(result: *const CocaResult, out: *mut CocaLabelScore, cap: usize, written: *mut usize) -> CocaStatus {
     guard(None, || {
         let r = result.as_ref().ok_or_else(|| fail(CocaStatus::NullPointer, "result is null"))?;
-        copy_scores(&r.scores, &r.labels_c, out, cap, written)
+        copy_scores(r.scores(), &r.labels_c, out, cap, written)
     })
 }
 
@@ -625,7 +627,7 @@ pub unsafe extern "C" fn coca_model_set_head(model: *mut CocaModel, head_path: *
 pub unsafe extern "C" fn coca_result_head_labels(result: *const CocaResult, out: *mut CocaLabelScore, cap: usize, written: *mut usize) -> CocaStatus {
     guard(None, || {
         let r = result.as_ref().ok_or_else(|| fail(CocaStatus::NullPointer, "result is null"))?;
-        copy_scores(&r.head_scores, &r.head_labels_c, out, cap, written)
+        copy_scores(r.head_scores(), &r.head_labels_c, out, cap, written)
     })
 }
 
@@ -695,8 +697,7 @@ pub unsafe extern "C" fn coca_model_caption(
             opts.seed = o.seed;
         }
         let inner = lock(m)?;
-        let features = crate::model::ImageFeatures { embedding: r.embedding.clone(), tokens: r.tokens.clone(), frozen_tokens: Vec::new() };
-        let c = inner.pipeline.caption(&features, &opts, |_, _| {})?;
+        let c = inner.pipeline.caption(&r.frame.features, &opts, |_, _| {})?;
         let text = CString::new(c.text.replace('\0', " ")).unwrap_or_default();
         let bytes = text.as_bytes_with_nul();
         if !needed.is_null() {

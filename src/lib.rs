@@ -19,10 +19,13 @@
 //! # Layout
 //! Imports point one way, down this list; nothing imports what is above it.
 //! - [`ffi`]: the C ABI (`include/coca_edge.h`), a thin panic-safe layer over the public API.
-//! - [`stream`]: capture thread, latest-frame slot, per-frame labels and captions, JSON reports.
+//! - [`stream`]: capture thread, latest-frame slot, per-frame labels and captions, reports to
+//!   sinks (JSON lines, saved annotated frames, the preview server).
 //! - [`source`]: frame sources: image files and folders, Y4M, MJPEG, raw frames from a pipe.
-//! - [`pipeline`]: `Pipeline`, what the CLI, the Rust API and the C ABI share: bundle ->
-//!   preprocess -> image encoder -> labels.
+//! - [`pipeline`]: `Pipeline`, what the CLI, the stream, the Rust API and the C ABI share:
+//!   bundle -> preprocess -> image encoder -> labels, head, caption, one frame per
+//!   `Pipeline::process` call.
+//! - [`head`]: heads trained on the frozen encoder, and their labelled datasets.
 //! - [`caption`]: greedy, beam and sampling search over the KV-cached decoder (open_clip's
 //!   `generate()` semantics).
 //! - [`classify`]: zero-shot label embeddings (prompt templates, averaging, on-disk cache), scores.

@@ -1,13 +1,17 @@
 //! `Pipeline`: one bundle, loaded once; frame -> preprocess -> image encoder -> labels.
-//! The CLI, the Rust API and (later) the C ABI all go through it.
+//! The CLI, the stream loop, the Rust API and the C ABI all go through it: one frame is one
+//! [`Pipeline::process`] call ([`FrameRequest`] in, [`FrameResult`] out).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use crate::bundle::Bundle;
 use crate::caption::{self, Caption, CaptionOptions, DecoderRun, Search, Specials};
 use crate::classify::{LabelCache, LabelSet, Score, Templates};
 use crate::error::{Error, Result};
+use crate::head::data::{Dataset, Embedded, EmbeddingCache};
+use crate::head::{Head, TrainOptions, TrainReport};
 use crate::model::{Decoder, EngineOptions, ImageEncoder, ImageFeatures, TextEncoder};
 use crate::text::{Clean, Tokenizer};
 use crate::vision::{self, DecodeLimits, DecodedImage};
@@ -26,6 +30,81 @@ impl PipelineOptions {
     pub fn with_default_cache() -> Self {
         PipelineOptions { cache_dir: LabelCache::default_dir(), ..Default::default() }
     }
+}
+
+/// What [`Pipeline::process`] reads: a decoded image, or a CHW tensor already preprocessed
+/// for the encoder (`3 x size x size`, normalised).
+#[derive(Debug, Clone, Copy)]
+pub enum FrameInput<'a> {
+    Image(&'a DecodedImage),
+    Preprocessed(&'a [f32]),
+}
+
+impl<'a> From<&'a DecodedImage> for FrameInput<'a> {
+    fn from(img: &'a DecodedImage) -> Self {
+        FrameInput::Image(img)
+    }
+}
+
+impl<'a> From<&'a [f32]> for FrameInput<'a> {
+    fn from(chw: &'a [f32]) -> Self {
+        FrameInput::Preprocessed(chw)
+    }
+}
+
+/// What to do with one frame beyond the encoder pass (which always runs). The default asks
+/// for nothing more: the features alone.
+#[derive(Clone, Copy, Default)]
+pub struct FrameRequest<'a> {
+    /// zero-shot labels to score
+    pub labels: Option<&'a LabelSet>,
+    /// how many labels (and head classes) to keep, best first
+    pub top_k: usize,
+    /// a trained head to run beside the labels
+    pub head: Option<&'a Head>,
+    /// caption the frame with these options
+    pub caption: Option<&'a CaptionOptions>,
+    /// with `caption`: caption only when this says so for the frame's features (a decision
+    /// that needs the embedding, e.g. "has the scene changed"); `None` = always
+    pub caption_if: Option<&'a dyn Fn(&ImageFeatures) -> bool>,
+}
+
+impl std::fmt::Debug for FrameRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameRequest")
+            .field("labels", &self.labels.map(|l| l.labels().len()))
+            .field("top_k", &self.top_k)
+            .field("head", &self.head.map(|h| &h.classes))
+            .field("caption", &self.caption)
+            .field("caption_if", &self.caption_if.is_some())
+            .finish()
+    }
+}
+
+/// Milliseconds per stage of one [`Pipeline::process`] call.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    /// resize, crop and normalise (0 for a preprocessed input)
+    pub preprocess_ms: f64,
+    pub encoder_ms: f64,
+    /// zero-shot labels and head together
+    pub classify_ms: f64,
+    /// `None` when no caption was made
+    pub caption_ms: Option<f64>,
+}
+
+/// The output of one frame.
+#[derive(Debug, Clone)]
+pub struct FrameResult {
+    /// the encoder pass: embedding and captioning tokens (a later [`Pipeline::caption`] of
+    /// these needs no second pass)
+    pub features: ImageFeatures,
+    /// zero-shot scores, best first (`None` when no labels were asked for)
+    pub scores: Option<Vec<Score>>,
+    /// the head's scores, best first (`None` when no head was asked for)
+    pub head_scores: Option<Vec<Score>>,
+    pub caption: Option<Caption>,
+    pub timings: StageTimings,
 }
 
 pub struct Pipeline {
@@ -220,6 +299,35 @@ impl Pipeline {
     pub fn classify(&self, features: &ImageFeatures, labels: &LabelSet, top_k: usize) -> Result<Vec<Score>> {
         labels.classify(&features.embedding, self.bundle.manifest().logit_scale, top_k)
     }
+
+    /// One frame: preprocess (unless the input is preprocessed), one encoder pass, then what
+    /// `req` asks for from those features (labels, head, caption), timed per stage.
+    pub fn process<'i>(&self, input: impl Into<FrameInput<'i>>, req: &FrameRequest) -> Result<FrameResult> {
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let t0 = Instant::now();
+        let preprocessed;
+        let chw = match input.into() {
+            FrameInput::Image(img) => {
+                preprocessed = self.preprocess(img);
+                &preprocessed[..]
+            }
+            FrameInput::Preprocessed(chw) => chw,
+        };
+        let t1 = Instant::now();
+        let features = self.embed_preprocessed(chw)?;
+        let t2 = Instant::now();
+        let scores = req.labels.map(|set| self.classify(&features, set, req.top_k)).transpose()?;
+        let head_scores = req.head.map(|h| self.classify_head(&features, h, req.top_k)).transpose()?;
+        let t3 = Instant::now();
+        let caption = match req.caption {
+            Some(opts) if req.caption_if.is_none_or(|due| due(&features)) => Some(self.caption(&features, opts, |_, _| {})?),
+            _ => None,
+        };
+        let t4 = Instant::now();
+        let timings =
+            StageTimings { preprocess_ms: ms(t0, t1), encoder_ms: ms(t1, t2), classify_ms: ms(t2, t3), caption_ms: caption.as_ref().map(|_| ms(t3, t4)) };
+        Ok(FrameResult { features, scores, head_scores, caption, timings })
+    }
 }
 
 impl Pipeline {
@@ -268,8 +376,8 @@ impl Pipeline {
 
     /// Load a head trained on this bundle's embeddings (`coca head train`); a head trained on
     /// another bundle is refused.
-    pub fn load_head(&self, path: &Path) -> Result<crate::head::Head> {
-        let h = crate::head::Head::load(path, self.bundle.id())?;
+    pub fn load_head(&self, path: &Path) -> Result<Head> {
+        let h = Head::load(path, self.bundle.id())?;
         if h.kind == crate::head::HeadKind::AttentionalPooler {
             let want = self.bundle.manifest().dims.frozen_tokens;
             if want != Some([h.tokens.unwrap_or(0), h.dim]) {
@@ -290,19 +398,60 @@ impl Pipeline {
     }
 
     /// A head's classes for one encoder pass (side by side with [`Pipeline::classify`]).
-    pub fn classify_head(&self, features: &ImageFeatures, head: &crate::head::Head, top_k: usize) -> Result<Vec<Score>> {
+    pub fn classify_head(&self, features: &ImageFeatures, head: &Head, top_k: usize) -> Result<Vec<Score>> {
         head.classify_features(features, top_k)
     }
 
+    /// Embed every image of `ds`, cached by content when the pipeline has a cache folder
+    /// ([`EmbeddingCache`]); unreadable or undecodable images are skipped and counted.
+    /// `progress(done, total)` after each image.
+    pub fn embed_dataset(&self, ds: &Dataset, mut progress: impl FnMut(usize, usize)) -> Result<Embedded> {
+        let dim = self.bundle.manifest().dims.embed_dim;
+        let cache =
+            self.opts.cache_dir.as_ref().map(|d| EmbeddingCache::new(d, self.bundle.id(), &self.bundle.precision_key(&self.opts.engine.precision), dim));
+        let mut out = Embedded::new();
+        for (n, (path, k)) in ds.items.iter().enumerate() {
+            progress(n, ds.items.len());
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(e) => {
+                    out.skipped.push((path.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            let key = EmbeddingCache::key(&bytes);
+            let emb = match cache.as_ref().and_then(|c| c.get(&key)) {
+                Some(emb) => {
+                    out.cached += 1;
+                    emb
+                }
+                None => {
+                    let img = match vision::decode_image(&bytes, &path.display().to_string(), &self.opts.limits) {
+                        Ok(i) => i,
+                        Err(e) => {
+                            out.skipped.push((path.clone(), e.to_string()));
+                            continue;
+                        }
+                    };
+                    let emb = self.process(&img, &FrameRequest::default())?.features.embedding;
+                    if let Some(c) = &cache {
+                        c.put(&key, &emb);
+                    }
+                    emb
+                }
+            };
+            out.x.push(emb);
+            out.y.push(*k);
+        }
+        progress(ds.items.len(), ds.items.len());
+        out.check_every_class(ds)?;
+        Ok(out)
+    }
+
     /// Train a head on labelled images (`ds`), embeddings cached; stamps it with this bundle.
-    pub fn train_head(
-        &self,
-        ds: &crate::head::data::Dataset,
-        opts: &crate::head::TrainOptions,
-        progress: impl FnMut(usize, usize),
-    ) -> Result<(crate::head::Head, crate::head::TrainReport, crate::head::data::Embedded)> {
-        let emb = crate::head::data::embed_dataset(self, ds, progress)?;
-        let opts = crate::head::TrainOptions { logit_scale: self.bundle.manifest().logit_scale, ..opts.clone() };
+    pub fn train_head(&self, ds: &Dataset, opts: &TrainOptions, progress: impl FnMut(usize, usize)) -> Result<(Head, TrainReport, Embedded)> {
+        let emb = self.embed_dataset(ds, progress)?;
+        let opts = TrainOptions { logit_scale: self.bundle.manifest().logit_scale, ..opts.clone() };
         let (mut head, report) = crate::head::train(&ds.classes, &emb.x, &emb.y, &opts)?;
         head.bundle_id = self.bundle.id().to_string();
         head.bundle_name = self.bundle.manifest().name.clone();

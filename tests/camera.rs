@@ -192,8 +192,8 @@ fn the_stream_survives_an_unplug_and_replug() {
     let mut cam = Camera::new(dev, quick(), Default::default());
     cam.open().unwrap();
     let opts = StreamOptions { every_frame: true, max_frames: Some(10), watchdog: Some(Duration::from_secs(20)), ..Default::default() };
-    let s = stream::run(&pipeline(), Box::new(cam), None, &opts, &AtomicBool::new(false), |_, _| Ok(())).unwrap();
-    assert_eq!((s.processed, s.reconnects, s.bad_frames), (10, 1, 0), "{s:?}");
+    let s = stream::run(&pipeline(), Box::new(cam), None, &opts, &AtomicBool::new(false), &mut [stream::sink_fn(|_, _| Ok(()))]).unwrap();
+    assert_eq!((s.counters.processed, s.counters.reconnects, s.counters.bad_frames), (10, 1, 0), "{s:?}");
     // 1 + 3 failed + 1 reopen; the capture thread may try again after the 10th frame
     assert!(log.lock().unwrap().opens >= 5);
 }
@@ -207,7 +207,7 @@ fn a_dead_camera_trips_the_watchdog_without_spinning() {
     cam.open().unwrap();
     let opts = StreamOptions { watchdog: Some(Duration::from_millis(800)), ..Default::default() };
     let t = Instant::now();
-    let e = stream::run(&pipeline(), Box::new(cam), None, &opts, &AtomicBool::new(false), |_, _| Ok(())).unwrap_err();
+    let e = stream::run(&pipeline(), Box::new(cam), None, &opts, &AtomicBool::new(false), &mut [stream::sink_fn(|_, _| Ok(()))]).unwrap_err();
     let took = t.elapsed();
     assert!(matches!(e, Error::Watchdog { .. }), "{e}");
     assert!(e.to_string().contains("/dev/video-fake") && e.to_string().contains("watchdog"), "{e}");
@@ -223,7 +223,7 @@ fn a_stalled_camera_is_never_a_bad_frame_and_never_a_busy_loop() {
     let mut cam = Camera::new(dev, CameraOptions { reopen_after_timeouts: 1000, ..quick() }, Default::default());
     cam.open().unwrap();
     let opts = StreamOptions { watchdog: Some(Duration::from_millis(300)), ..Default::default() };
-    let e = stream::run(&pipeline(), Box::new(cam), None, &opts, &AtomicBool::new(false), |_, _| Ok(())).unwrap_err();
+    let e = stream::run(&pipeline(), Box::new(cam), None, &opts, &AtomicBool::new(false), &mut [stream::sink_fn(|_, _| Ok(()))]).unwrap_err();
     assert!(matches!(e, Error::Watchdog { .. }), "{e}");
     // each dequeue waits for its poll timeout (5 ms here): a bounded number of calls
     let n = log.lock().unwrap().dequeues;

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use coca_edge::classify::Templates;
-use coca_edge::head::data::{embed_dataset, Dataset};
+use coca_edge::head::data::Dataset;
 use coca_edge::head::{HeadKind, TrainOptions};
 use coca_edge::{Pipeline, PipelineOptions};
 
@@ -38,7 +38,7 @@ fn probe_vs_zero_shot(task: &str, shots: usize) -> (f32, f32) {
     let (head, report, _) = p.train_head(&train, &TrainOptions::default(), |_, _| {}).unwrap();
     assert_eq!(report.kind, HeadKind::Linear);
     let test = Dataset::scan(&dir.join("test.tsv")).unwrap();
-    let emb = embed_dataset(&p, &test, |_, _| {}).unwrap();
+    let emb = p.embed_dataset(&test, |_, _| {}).unwrap();
     assert!(emb.skipped.is_empty());
     // the test list names the same classes (maybe in another order)
     let to_head: Vec<usize> = test.classes.iter().map(|c| head.classes.iter().position(|h| h == c).unwrap()).collect();

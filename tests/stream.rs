@@ -68,16 +68,23 @@ fn a_slow_consumer_drops_stale_frames_and_queues_none() {
     };
     let src = Fake { n: 400, next: 0, bad: vec![], delay: Duration::ZERO };
     let mut frames = Vec::new();
-    let s = stream::run(&p, Box::new(src), Some(&set), &opts, &AtomicBool::new(false), |r, _| {
-        frames.push(r.frame);
-        assert!(r.caption.is_some());
-        assert_eq!(r.labels.len(), 2);
-        Ok(())
-    })
+    let s = stream::run(
+        &p,
+        Box::new(src),
+        Some(&set),
+        &opts,
+        &AtomicBool::new(false),
+        &mut [stream::sink_fn(|r, _| {
+            frames.push(r.frame);
+            assert!(r.caption.is_some());
+            assert_eq!(r.labels.len(), 2);
+            Ok(())
+        })],
+    )
     .unwrap();
-    assert_eq!(s.captured, 400);
-    assert!(s.dropped > 0, "{s:?}");
-    assert_eq!(s.processed + s.dropped, s.captured, "every frame is processed or dropped, none queued");
+    assert_eq!(s.counters.captured, 400);
+    assert!(s.counters.dropped > 0, "{s:?}");
+    assert_eq!(s.counters.processed + s.counters.dropped, s.counters.captured, "every frame is processed or dropped, none queued");
     assert!(frames.windows(2).all(|w| w[0] < w[1]), "newest frames, in order");
     assert_eq!(*frames.last().unwrap(), 399, "the last frame is processed");
 }
@@ -88,12 +95,19 @@ fn every_frame_mode_processes_all_and_bad_frames_are_counted() {
     let opts = StreamOptions { every_frame: true, ..Default::default() };
     let src = Fake { n: 30, next: 0, bad: vec![3, 4, 17], delay: Duration::ZERO };
     let mut n = 0;
-    let s = stream::run(&p, Box::new(src), None, &opts, &AtomicBool::new(false), |_, _| {
-        n += 1;
-        Ok(())
-    })
+    let s = stream::run(
+        &p,
+        Box::new(src),
+        None,
+        &opts,
+        &AtomicBool::new(false),
+        &mut [stream::sink_fn(|_, _| {
+            n += 1;
+            Ok(())
+        })],
+    )
     .unwrap();
-    assert_eq!((s.captured, s.processed, s.dropped, s.bad_frames), (27, 27, 0, 3));
+    assert_eq!((s.counters.captured, s.counters.processed, s.counters.dropped, s.counters.bad_frames), (27, 27, 0, 3));
     assert_eq!(n, 27);
 }
 
@@ -121,10 +135,17 @@ fn captions_on_change_only_when_the_embedding_moves() {
         }
     }
     let mut captions = 0;
-    stream::run(&p, Box::new(Same(0)), None, &opts, &AtomicBool::new(false), |r, _| {
-        captions += r.caption.is_some() as usize;
-        Ok(())
-    })
+    stream::run(
+        &p,
+        Box::new(Same(0)),
+        None,
+        &opts,
+        &AtomicBool::new(false),
+        &mut [stream::sink_fn(|r, _| {
+            captions += r.caption.is_some() as usize;
+            Ok(())
+        })],
+    )
     .unwrap();
     assert_eq!(captions, 1);
 }
@@ -135,15 +156,22 @@ fn shutdown_stops_a_live_source() {
     let stop = AtomicBool::new(false);
     let src = Fake { n: u64::MAX, next: 0, bad: vec![], delay: Duration::from_millis(2) };
     let mut seen = 0;
-    let s = stream::run(&p, Box::new(src), None, &StreamOptions::default(), &stop, |_, _| {
-        seen += 1;
-        if seen == 5 {
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        Ok(())
-    })
+    let s = stream::run(
+        &p,
+        Box::new(src),
+        None,
+        &StreamOptions::default(),
+        &stop,
+        &mut [stream::sink_fn(|_, _| {
+            seen += 1;
+            if seen == 5 {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(())
+        })],
+    )
     .unwrap();
-    assert_eq!(s.processed, 5);
+    assert_eq!(s.counters.processed, 5);
 }
 
 fn coca_stream(args: &[&str], stdin: Option<Vec<u8>>) -> (i32, String, String) {

@@ -5,11 +5,14 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use coca_edge::classify::{self, Templates};
 use coca_edge::model::{self, EngineOptions};
+use coca_edge::pipeline::FrameRequest;
+use coca_edge::stream::{FrameEvent, Sink, Summary};
+use coca_edge::vision::DecodedImage;
 use coca_edge::{Pipeline, PipelineOptions};
 
 #[derive(Parser, Debug)]
@@ -440,16 +443,8 @@ fn engine_options(g: &Global) -> Result<EngineOptions> {
     if g.threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
     }
-    let mut opts = EngineOptions { threads: g.threads.unwrap_or(0), ..Default::default() };
-    if let Some((b, _)) = board(g)? {
-        if g.threads.is_none() {
-            opts.threads = b.threads_here();
-        }
-        opts.precision = b.precision;
-    }
-    if let Some(p) = &g.precision {
-        opts.precision = p.clone();
-    }
+    let board = board(g)?;
+    let mut opts = EngineOptions::for_board(board.as_ref().map(|(b, _)| b), g.threads, g.precision.as_deref());
     opts.force_precision = g.force_precision;
     Ok(opts)
 }
@@ -491,11 +486,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// Report a per-image error on stderr and remember that the run failed; the other images still
-/// get their results (no lost work).
-fn image_error(failed: &mut bool, e: coca_edge::Error) {
-    eprintln!("coca: {}", e.to_string().split_whitespace().collect::<Vec<_>>().join(" "));
-    *failed = true;
+/// Decode each of `paths` (with the pipeline's limits) and hand it to `f` with its decode time
+/// in ms. An image that cannot be read or decoded is reported on stderr and skipped: the other
+/// images still get their results (no lost work), and the exit code is 2.
+fn each_image(p: &Pipeline, paths: &[PathBuf], mut f: impl FnMut(&Path, &DecodedImage, f64) -> Result<()>) -> Result<ExitCode> {
+    let mut failed = false;
+    for path in paths {
+        let t0 = std::time::Instant::now();
+        match coca_edge::vision::load_image(path, &p.options().limits) {
+            Ok(img) => f(path, &img, t0.elapsed().as_secs_f64() * 1e3)?,
+            Err(e) => {
+                eprintln!("coca: {}", e.to_string().split_whitespace().collect::<Vec<_>>().join(" "));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
 fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
@@ -522,19 +528,11 @@ fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
             }
         })?)
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut failed = false;
-    for path in &a.images {
-        let feats = match p.embed_path(path) {
-            Ok(f) => f,
-            Err(e) => {
-                image_error(&mut failed, e);
-                continue;
-            }
-        };
-        let scores = set.as_ref().map(|set| p.classify(&feats, set, a.top_k)).transpose()?;
-        let head_scores = head.as_ref().map(|h| p.classify_head(&feats, h, a.top_k)).transpose()?;
+    let req = FrameRequest { labels: set.as_ref(), head: head.as_ref(), top_k: a.top_k, ..Default::default() };
+    let mut out = std::io::stdout().lock();
+    each_image(&p, &a.images, |path, img, _| {
+        let r = p.process(img, &req)?;
+        let (scores, head_scores) = (r.scores, r.head_scores);
         if a.json {
             let mut obj = serde_json::json!({"image": path.display().to_string()});
             if let Some(s) = &scores {
@@ -554,8 +552,8 @@ fn classify_cmd(g: &Global, a: ClassifyArgs) -> Result<ExitCode> {
             }
         }
         out.flush()?;
-    }
-    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        Ok(())
+    })
 }
 
 fn head_train_cmd(g: &Global, a: HeadTrainArgs) -> Result<ExitCode> {
@@ -648,7 +646,7 @@ fn print_confusion(out: &mut impl Write, classes: &[String], confusion: &[Vec<us
 }
 
 fn head_eval_cmd(g: &Global, a: HeadEvalArgs) -> Result<ExitCode> {
-    use coca_edge::head::data::{embed_dataset, Dataset};
+    use coca_edge::head::data::Dataset;
     let ds = Dataset::scan(&a.data)?;
     let p = open_pipeline(g, true)?;
     let head = p.load_head(&a.head)?;
@@ -656,7 +654,7 @@ fn head_eval_cmd(g: &Global, a: HeadEvalArgs) -> Result<ExitCode> {
     if let Some(i) = map.iter().position(|m| m.is_none()) {
         anyhow::bail!("{}: class '{}' is not one of the head's classes ({})", a.data.display(), ds.classes[i], head.classes.join(", "));
     }
-    let emb = embed_dataset(&p, &ds, |_, _| {})?;
+    let emb = p.embed_dataset(&ds, |_, _| {})?;
     let c = head.classes.len();
     let mut confusion = vec![vec![0usize; c]; c];
     for (x, &y) in emb.x.iter().zip(&emb.y) {
@@ -681,25 +679,19 @@ fn head_eval_cmd(g: &Global, a: HeadEvalArgs) -> Result<ExitCode> {
 
 fn embed_cmd(g: &Global, a: EmbedArgs) -> Result<ExitCode> {
     let p = open_pipeline(g, true)?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut failed = false;
-    for path in &a.images {
-        match p.embed_path(path) {
-            Ok(f) => {
-                if a.json {
-                    let obj = serde_json::json!({"image": path.display().to_string(), "embedding": f.embedding});
-                    writeln!(out, "{obj}")?;
-                } else {
-                    let vals: Vec<String> = f.embedding.iter().map(|v| format!("{v:e}")).collect();
-                    writeln!(out, "{}\t{}", path.display(), vals.join(" "))?;
-                }
-                out.flush()?;
-            }
-            Err(e) => image_error(&mut failed, e),
+    let mut out = std::io::stdout().lock();
+    each_image(&p, &a.images, |path, img, _| {
+        let embedding = p.process(img, &FrameRequest::default())?.features.embedding;
+        if a.json {
+            let obj = serde_json::json!({"image": path.display().to_string(), "embedding": embedding});
+            writeln!(out, "{obj}")?;
+        } else {
+            let vals: Vec<String> = embedding.iter().map(|v| format!("{v:e}")).collect();
+            writeln!(out, "{}\t{}", path.display(), vals.join(" "))?;
         }
-    }
-    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        out.flush()?;
+        Ok(())
+    })
 }
 
 fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
@@ -843,14 +835,11 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
         let t = std::time::Instant::now();
         let img = coca_edge::vision::decode_image(&bytes, &name, &limits)?;
         let t1 = std::time::Instant::now();
-        let chw = p.preprocess(&img);
-        let t2 = std::time::Instant::now();
-        p.embed_preprocessed(&chw)?;
-        let t3 = std::time::Instant::now();
+        let r = p.process(&img, &FrameRequest::default())?;
         if i >= a.warmup {
             dec.push((t1 - t).as_secs_f64() * 1e3);
-            pre.push((t2 - t1).as_secs_f64() * 1e3);
-            enc.push((t3 - t2).as_secs_f64() * 1e3);
+            pre.push(r.timings.preprocess_ms);
+            enc.push(r.timings.encoder_ms);
         }
     }
     let all = enc.clone();
@@ -924,25 +913,18 @@ fn caption_cmd(g: &Global, a: CaptionArgs) -> Result<ExitCode> {
     let opts = a.opts.to_options(&p);
     let decoder = p.decoder()?;
     opts.validate(decoder.dims().max_positions)?;
+    let req = FrameRequest { caption: Some(&opts), ..Default::default() };
     let mut out = std::io::stdout().lock();
-    let mut failed = false;
-    for path in &a.images {
-        let feats = match p.embed_path(path) {
-            Ok(f) => f,
-            Err(e) => {
-                image_error(&mut failed, e);
-                continue;
-            }
-        };
-        let c = p.caption(&feats, &opts, |_, _| {})?;
+    each_image(&p, &a.images, |path, img, _| {
+        let c = p.process(img, &req)?.caption.context("no caption")?;
         if a.json {
             writeln!(out, "{}", serde_json::json!({"image": path.display().to_string(), "caption": c.text, "ids": c.ids, "score": c.score}))?;
         } else {
             writeln!(out, "{}\t{}", path.display(), c.text)?;
         }
         out.flush()?;
-    }
-    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        Ok(())
+    })
 }
 
 fn describe_cmd(g: &Global, a: DescribeArgs) -> Result<ExitCode> {
@@ -951,30 +933,16 @@ fn describe_cmd(g: &Global, a: DescribeArgs) -> Result<ExitCode> {
     let opts = a.opts.to_options(&p);
     opts.validate(p.decoder()?.dims().max_positions)?;
     let set = p.label_set(&labels, &templates.map_or_else(|| p.default_templates(), Ok)?, |_, _| {})?;
-    let limits = p.options().limits;
+    let req = FrameRequest { labels: Some(&set), top_k: a.top, caption: Some(&opts), ..Default::default() };
     let mut out = std::io::stdout().lock();
-    let mut failed = false;
-    for path in &a.images {
-        let t0 = std::time::Instant::now();
-        let img = match coca_edge::vision::load_image(path, &limits) {
-            Ok(i) => i,
-            Err(e) => {
-                image_error(&mut failed, e);
-                continue;
-            }
-        };
-        let t1 = std::time::Instant::now();
-        let chw = p.preprocess(&img);
-        let t2 = std::time::Instant::now();
-        let feats = p.embed_preprocessed(&chw)?;
-        let t3 = std::time::Instant::now();
-        let scores = p.classify(&feats, &set, a.top)?;
-        let t4 = std::time::Instant::now();
-        let c = p.caption(&feats, &opts, |_, _| {})?;
-        let t5 = std::time::Instant::now();
-        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
-        let timings = serde_json::json!({"decode_ms": ms(t0, t1), "preprocess_ms": ms(t1, t2), "encoder_ms": ms(t2, t3),
-            "classify_ms": ms(t3, t4), "caption_ms": ms(t4, t5)});
+    each_image(&p, &a.images, |path, img, decode_ms| {
+        let r = p.process(img, &req)?;
+        let scores = r.scores.unwrap_or_default();
+        let c = r.caption.context("no caption")?;
+        let t = r.timings;
+        let caption_ms = t.caption_ms.unwrap_or_default();
+        let timings = serde_json::json!({"decode_ms": decode_ms, "preprocess_ms": t.preprocess_ms, "encoder_ms": t.encoder_ms,
+            "classify_ms": t.classify_ms, "caption_ms": caption_ms});
         if a.json {
             writeln!(out, "{}", serde_json::json!({"image": path.display().to_string(), "top": scores, "caption": c.text, "ids": c.ids, "timings": timings}))?;
         } else {
@@ -986,23 +954,19 @@ fn describe_cmd(g: &Global, a: DescribeArgs) -> Result<ExitCode> {
             writeln!(
                 out,
                 "  timings: decode {:.1} ms, preprocess {:.1} ms, encoder {:.1} ms, classify {:.2} ms, caption {:.1} ms",
-                ms(t0, t1),
-                ms(t1, t2),
-                ms(t2, t3),
-                ms(t3, t4),
-                ms(t4, t5)
+                decode_ms, t.preprocess_ms, t.encoder_ms, t.classify_ms, caption_ms
             )?;
         }
         out.flush()?;
-    }
-    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        Ok(())
+    })
 }
 
 /// Decoder timings: per-step latency by past length at batch 1 and `beams`, whole captions.
 fn bench_caption(p: &Pipeline, bytes: &[u8], name: &str, a: &BenchArgs) -> Result<serde_json::Value> {
     use coca_edge::caption::{CaptionOptions, Search};
     let img = coca_edge::vision::decode_image(bytes, name, &p.options().limits)?;
-    let feats = p.embed_image(&img)?;
+    let feats = p.process(&img, &FrameRequest::default())?.features;
     let dec = p.decoder()?;
     let steps = a.step_len.clamp(1, dec.dims().max_positions);
     let sot = p.bundle().manifest().text.sot as i64;
@@ -1055,7 +1019,7 @@ fn parse_size(spec: &str, what: &str) -> Result<(u32, u32)> {
 
 fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     use coca_edge::source::{camera, SourceOptions};
-    use coca_edge::stream::{self, overlay, preview::Preview, save::SaveTo, StreamOptions};
+    use coca_edge::stream::{self, preview::Preview, save::SaveTo, JsonLines, StreamOptions};
     let (labels, templates) = a.labels.load_opt()?;
     if labels.is_empty() && a.head.is_none() {
         anyhow::bail!("give --labels, --labels-file or --head");
@@ -1086,7 +1050,7 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
         anyhow::bail!("--camera-fps 0: use a rate above 0");
     }
     // outputs first: a bad --save or a busy --preview port fails before the model loads
-    let mut save = a.save.as_deref().map(SaveTo::create).transpose()?;
+    let save = a.save.as_deref().map(SaveTo::create).transpose()?;
     let preview = a.preview.as_deref().map(|addr| Preview::start_with(addr, a.teach.clone())).transpose()?;
     if let Some(pv) = &preview {
         if !g.quiet {
@@ -1111,70 +1075,48 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     static SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let _ = ctrlc::set_handler(|| SHUTDOWN.store(true, std::sync::atomic::Ordering::SeqCst));
     let status = std::io::stderr().is_terminal() && !g.quiet;
-    let mut out = std::io::stdout().lock();
-    let mut last_caption: Option<String> = None;
-    let mut fps = FpsMeter::default();
-    let summary = stream::run(&p, source, set.as_ref(), &opts, &SHUTDOWN, |r, frame| {
-        let line = serde_json::to_string(r).map_err(|e| coca_edge::Error::InvalidArgument(e.to_string()))?;
-        writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| coca_edge::Error::Io { path: "stdout".into(), source: e })?;
-        let rate = fps.tick();
-        if let Some(c) = &r.caption {
-            last_caption = Some(c.clone());
-        }
-        // encode only for a file or a connected viewer (/frame.jpg gets the last one published)
-        if save.is_some() || preview.as_ref().is_some_and(|pv| pv.has_clients() || r.processed == 1) {
-            let jpeg = overlay::annotate(&frame.image, r, last_caption.as_deref(), rate).to_jpeg(85)?;
-            if let Some(s) = save.as_mut() {
-                s.write(&jpeg, r.frame)?;
-            }
-            if let Some(pv) = &preview {
-                pv.publish(jpeg, line);
-            }
-        }
-        if let Some(pv) = preview.as_ref().filter(|pv| pv.teaching()) {
-            pv.publish_raw(std::sync::Arc::new(frame.image.clone()), r.frame);
-        }
-        if status {
-            eprint!(
-                "\rframe {} | {:.1} fps | processed {} | dropped {} (driver {}) | reconnects {} | encoder {:.0} ms   ",
-                r.frame,
-                rate.unwrap_or(0.0),
-                r.processed,
-                r.dropped,
-                r.driver_dropped,
-                r.reconnects,
-                r.latency.encoder_ms
-            );
-        }
-        Ok(())
-    })?;
+    // the JSON lines first, then the files, the preview and the terminal's status line
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLines::new(std::io::stdout().lock(), "stdout"))];
+    if let Some(s) = save {
+        sinks.push(Box::new(s));
+    }
+    if let Some(pv) = preview {
+        sinks.push(Box::new(pv));
+    }
     if status {
-        eprintln!();
+        sinks.push(Box::new(StatusLine));
     }
-    writeln!(out, "{}", serde_json::to_string(&summary)?)?;
-    if !g.quiet && status {
-        eprintln!(
-            "{}: {} captured, {} processed, {} dropped, {} dropped by the driver, {} bad, {} reconnects, {:.1} frames/s",
-            summary.source, summary.captured, summary.processed, summary.dropped, summary.driver_dropped, summary.bad_frames, summary.reconnects, summary.fps
-        );
-    }
+    stream::run(&p, source, set.as_ref(), &opts, &SHUTDOWN, &mut sinks)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Frames per second over the last 2 seconds.
-#[derive(Default)]
-struct FpsMeter {
-    times: std::collections::VecDeque<std::time::Instant>,
-}
+/// `coca stream` on a terminal: one status line on stderr, rewritten for every frame, and the
+/// summary in words at the end.
+struct StatusLine;
 
-impl FpsMeter {
-    fn tick(&mut self) -> Option<f64> {
-        let now = std::time::Instant::now();
-        self.times.push_back(now);
-        while self.times.front().is_some_and(|t| now.duration_since(*t).as_secs_f64() > 2.0) {
-            self.times.pop_front();
-        }
-        let span = now.duration_since(*self.times.front()?).as_secs_f64();
-        (self.times.len() > 1 && span > 0.0).then(|| (self.times.len() - 1) as f64 / span)
+impl Sink for StatusLine {
+    fn frame(&mut self, ev: &FrameEvent<'_>) -> coca_edge::Result<()> {
+        let (r, c) = (ev.report, &ev.report.counters);
+        eprint!(
+            "\rframe {} | {:.1} fps | processed {} | dropped {} (driver {}) | reconnects {} | encoder {:.0} ms   ",
+            r.frame,
+            ev.fps.unwrap_or(0.0),
+            c.processed,
+            c.dropped,
+            c.driver_dropped,
+            c.reconnects,
+            r.latency.encoder_ms
+        );
+        Ok(())
+    }
+
+    fn finish(&mut self, summary: &Summary) -> coca_edge::Result<()> {
+        let c = &summary.counters;
+        eprintln!();
+        eprintln!(
+            "{}: {} captured, {} processed, {} dropped, {} dropped by the driver, {} bad, {} reconnects, {:.1} frames/s",
+            summary.source, c.captured, c.processed, c.dropped, c.driver_dropped, c.bad_frames, c.reconnects, summary.fps
+        );
+        Ok(())
     }
 }

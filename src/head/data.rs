@@ -2,14 +2,15 @@
 //! writes), or a list file of `CLASS<TAB>PATH` lines (paths relative to the list's folder).
 //! Embeddings are computed once per image content and cached (`$COCA_CACHE_DIR/embeddings/
 //! <bundle id>/<sha256 of the file>.f32`), so retraining with other options is instant.
-//! Unreadable or undecodable images are skipped and counted, never fatal.
+//! Unreadable or undecodable images are skipped and counted, never fatal. This module lists
+//! datasets and keeps the embedding cache; [`crate::Pipeline::embed_dataset`] runs the encoder
+//! over them.
 
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::pipeline::Pipeline;
 
 /// Classes and their images.
 #[derive(Debug, Clone)]
@@ -49,7 +50,7 @@ impl Dataset {
             let mut files: Vec<PathBuf> = std::fs::read_dir(&d)
                 .map_err(|e| Error::io(&d, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| crate::source::is_image_file(p))
+                .filter(|p| crate::vision::is_image_file(p))
                 .collect();
             files.sort();
             if files.is_empty() {
@@ -99,57 +100,62 @@ pub struct Embedded {
     pub cached: usize,
 }
 
-/// Embed every image of `ds` (cached by content when the pipeline has a cache folder);
-/// `progress(done, total)` after each image.
-pub fn embed_dataset(p: &Pipeline, ds: &Dataset, mut progress: impl FnMut(usize, usize)) -> Result<Embedded> {
-    let dim = p.bundle().manifest().dims.embed_dim;
-    let cache =
-        p.options().cache_dir.as_ref().map(|d| d.join("embeddings").join(p.bundle().id()).join(p.bundle().precision_key(&p.options().engine.precision)));
-    let mut out = Embedded { x: Vec::new(), y: Vec::new(), skipped: Vec::new(), cached: 0 };
-    for (n, (path, k)) in ds.items.iter().enumerate() {
-        progress(n, ds.items.len());
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) => {
-                out.skipped.push((path.clone(), e.to_string()));
-                continue;
-            }
-        };
-        let key = hex::encode(Sha256::digest(&bytes));
-        let hit = cache.as_ref().and_then(|c| std::fs::read(c.join(format!("{key}.f32"))).ok()).filter(|b| b.len() == dim * 4);
-        let emb = match hit {
-            Some(b) => {
-                out.cached += 1;
-                b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-            }
-            None => {
-                let img = match crate::vision::decode_image(&bytes, &path.display().to_string(), &p.options().limits) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        out.skipped.push((path.clone(), e.to_string()));
-                        continue;
-                    }
-                };
-                let emb = p.embed_image(&img)?.embedding;
-                if let Some(c) = &cache {
-                    // best effort: a read-only cache only costs time
-                    let _ = std::fs::create_dir_all(c).and_then(|_| {
-                        let tmp = c.join(format!("{key}.tmp{}", std::process::id()));
-                        std::fs::write(&tmp, emb.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
-                        std::fs::rename(tmp, c.join(format!("{key}.f32")))
-                    });
-                }
-                emb
-            }
-        };
-        out.x.push(emb);
-        out.y.push(*k);
+impl Embedded {
+    /// No images yet.
+    pub fn new() -> Embedded {
+        Embedded { x: Vec::new(), y: Vec::new(), skipped: Vec::new(), cached: 0 }
     }
-    progress(ds.items.len(), ds.items.len());
-    let mut counts = vec![0usize; ds.classes.len()];
-    out.y.iter().for_each(|&k| counts[k] += 1);
-    if let Some(k) = counts.iter().position(|&c| c == 0) {
-        return Err(Error::InvalidArgument(format!("class '{}': none of its images could be read ({} skipped in all)", ds.classes[k], out.skipped.len())));
+
+    /// An error naming the first class of `ds` none of whose images could be read.
+    pub fn check_every_class(&self, ds: &Dataset) -> Result<()> {
+        let mut counts = vec![0usize; ds.classes.len()];
+        self.y.iter().for_each(|&k| counts[k] += 1);
+        if let Some(k) = counts.iter().position(|&c| c == 0) {
+            return Err(Error::InvalidArgument(format!("class '{}': none of its images could be read ({} skipped in all)", ds.classes[k], self.skipped.len())));
+        }
+        Ok(())
     }
-    Ok(out)
+}
+
+impl Default for Embedded {
+    fn default() -> Self {
+        Embedded::new()
+    }
+}
+
+/// Image embeddings on disk, one `<sha256 of the file>.f32` file (little-endian floats) per
+/// image content, in a folder per bundle and precision.
+#[derive(Debug, Clone)]
+pub struct EmbeddingCache {
+    dir: PathBuf,
+    dim: usize,
+}
+
+impl EmbeddingCache {
+    /// The cache under `cache_dir` (`embeddings/<bundle id>/<precision key>`) for `dim`-value
+    /// embeddings.
+    pub fn new(cache_dir: &Path, bundle_id: &str, precision_key: &str, dim: usize) -> EmbeddingCache {
+        EmbeddingCache { dir: cache_dir.join("embeddings").join(bundle_id).join(precision_key), dim }
+    }
+
+    /// The key of an image file's bytes.
+    pub fn key(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// The cached embedding for `key`, if there is one of the right length.
+    pub fn get(&self, key: &str) -> Option<Vec<f32>> {
+        let b = std::fs::read(self.dir.join(format!("{key}.f32"))).ok().filter(|b| b.len() == self.dim * 4)?;
+        Some(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// Store `emb` under `key`; best effort: a read-only cache only costs time.
+    pub fn put(&self, key: &str, emb: &[f32]) {
+        let c = &self.dir;
+        let _ = std::fs::create_dir_all(c).and_then(|_| {
+            let tmp = c.join(format!("{key}.tmp{}", std::process::id()));
+            std::fs::write(&tmp, emb.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+            std::fs::rename(tmp, c.join(format!("{key}.f32")))
+        });
+    }
 }

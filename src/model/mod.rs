@@ -1059,3 +1059,19 @@ mod load_tests {
         assert!(load_onnx_with(&path, OURS).is_err());
     }
 }
+
+impl EngineOptions {
+    /// The one place a board profile becomes engine options: explicit `threads` and
+    /// `precision` win, then the board's (its threads capped at the cores online), then the
+    /// defaults. `force_precision` and any later fields keep their defaults.
+    pub fn for_board(board: Option<&crate::board::BoardProfile>, threads: Option<usize>, precision: Option<&str>) -> EngineOptions {
+        let mut o = EngineOptions::default();
+        if let Some(t) = threads.or_else(|| board.map(|b| b.threads_here())) {
+            o.threads = t;
+        }
+        if let Some(p) = precision.map(str::to_string).or_else(|| board.map(|b| b.precision.clone())) {
+            o.precision = p;
+        }
+        o
+    }
+}

@@ -140,10 +140,7 @@ fn open_camera(path: &str, _o: &SourceOptions) -> Result<Box<dyn FrameSource>> {
 }
 
 /// Whether `p` has an image file extension (what folders of images are scanned for).
-pub fn is_image_file(p: &Path) -> bool {
-    const EXT: &[&str] = &["jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp", "pgm", "ppm", "pnm"];
-    p.extension().and_then(|e| e.to_str()).map(|e| EXT.contains(&e.to_ascii_lowercase().as_str())).unwrap_or(false)
-}
+pub use crate::vision::is_image_file;
 
 /// A list of image files (a folder's images in name order).
 pub struct ImageFiles {

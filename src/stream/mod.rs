@@ -5,11 +5,13 @@
 //! frame instead (the capture thread waits). Files with a frame rate are paced at it unless
 //! every frame is asked for; live sources deliver at their own rate.
 //!
-//! Output events are [`FrameReport`]s (JSON lines schema version [`SCHEMA_VERSION`]).
+//! Output events are [`FrameReport`]s (JSON lines schema version [`SCHEMA_VERSION`]), given to
+//! [`Sink`]s (JSON lines, saved annotated frames, the preview server, yours).
 
 pub mod overlay;
 pub mod preview;
 pub mod save;
+pub mod sink;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,8 +22,11 @@ use serde::Serialize;
 use crate::caption::CaptionOptions;
 use crate::classify::LabelSet;
 use crate::error::Result;
-use crate::pipeline::Pipeline;
+use crate::model::ImageFeatures;
+use crate::pipeline::{FrameRequest, Pipeline};
 use crate::source::{Frame, FrameSource, SourceCounters};
+
+pub use sink::{sink_fn, FpsMeter, FrameEvent, JsonLines, Sink};
 
 /// Version of the JSON lines schema of [`FrameReport`] and [`Summary`].
 /// 2: `latency.capture_ms`, `driver_dropped`, `reconnects`; summary `mean_ms` per stage.
@@ -94,6 +99,14 @@ pub struct FrameReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caption: Option<String>,
     pub latency: Latency,
+    /// the counts so far
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// Frame counts, in every [`FrameReport`] (so far) and in the [`Summary`] (in all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
     pub captured: u64,
     pub processed: u64,
     /// frames replaced in the slot before they were processed
@@ -112,12 +125,8 @@ pub struct Summary {
     pub schema: u32,
     pub summary: bool,
     pub source: String,
-    pub captured: u64,
-    pub processed: u64,
-    pub dropped: u64,
-    pub bad_frames: u64,
-    pub driver_dropped: u64,
-    pub reconnects: u64,
+    #[serde(flatten)]
+    pub counters: Counters,
     pub seconds: f64,
     pub fps: f64,
     /// mean milliseconds per processed frame and stage (`outputs`: the caller's JSON, overlay,
@@ -155,14 +164,15 @@ struct Slot {
 }
 
 /// Run `source` through `pipeline` until it ends, `shutdown` is set or `max_frames` frames were
-/// processed; `on_report` gets every processed frame. Returns the summary.
+/// processed; every sink gets every processed frame, in order, then the summary (a sink's error
+/// stops the stream and is returned). Returns the summary.
 pub fn run(
     pipeline: &Pipeline,
     source: Box<dyn FrameSource>,
     labels: Option<&LabelSet>,
     opts: &StreamOptions,
     shutdown: &AtomicBool,
-    mut on_report: impl FnMut(&FrameReport, &Frame) -> Result<()>,
+    sinks: &mut [Box<dyn Sink + '_>],
 ) -> Result<Summary> {
     if let Some(d) = pipeline.bundle().manifest().decoder.as_ref() {
         if opts.caption_every > 0 || opts.caption_on_change.is_some() {
@@ -186,7 +196,7 @@ pub fn run(
             .map_err(|e| crate::error::Error::InvalidArgument(format!("cannot start the capture thread: {e}")))?
     };
     let mut sums = StageMeans::default();
-    let result = process_loop(pipeline, &slot, &name, labels, opts, shutdown, &mut sums, &mut on_report);
+    let result = process_loop(pipeline, &slot, &name, labels, opts, shutdown, &mut sums, sinks);
     stop.store(true, Ordering::SeqCst);
     slot.cv.notify_all();
     let _ = capture.join();
@@ -205,20 +215,20 @@ pub fn run(
         caption: sums.caption,
         outputs: sums.outputs / n,
     };
-    Ok(Summary {
-        schema: SCHEMA_VERSION,
-        summary: true,
-        source: name,
+    let counters = Counters {
         captured: st.captured,
         processed,
         dropped: st.dropped,
         bad_frames: st.bad,
         driver_dropped: st.counters.driver_dropped,
         reconnects: st.counters.reconnects,
-        seconds,
-        fps: processed as f64 / seconds.max(1e-9),
-        mean_ms,
-    })
+    };
+    drop(st);
+    let summary = Summary { schema: SCHEMA_VERSION, summary: true, source: name, counters, seconds, fps: processed as f64 / seconds.max(1e-9), mean_ms };
+    for s in sinks.iter_mut() {
+        s.finish(&summary)?;
+    }
+    Ok(summary)
 }
 
 fn capture_loop(source: &mut dyn FrameSource, slot: &Slot, stop: &AtomicBool, pace: Option<f64>, every_frame: bool) {
@@ -286,11 +296,13 @@ fn process_loop(
     opts: &StreamOptions,
     shutdown: &AtomicBool,
     sums: &mut StageMeans,
-    on_report: &mut impl FnMut(&FrameReport, &Frame) -> Result<()>,
+    sinks: &mut [Box<dyn Sink + '_>],
 ) -> Result<u64> {
     let mut processed = 0u64;
     let mut captions = 0u64;
     let mut last_caption_emb: Option<Vec<f32>> = None;
+    let mut last_caption: Option<String> = None;
+    let mut fps = FpsMeter::default();
     let started = Instant::now();
     let result = loop {
         if shutdown.load(Ordering::SeqCst) || opts.max_frames.map(|m| processed >= m).unwrap_or(false) {
@@ -315,40 +327,31 @@ fn process_loop(
             (f, st.frame_ms, st.captured, st.dropped, st.bad, st.counters)
         };
         let Some(frame) = frame else { break Ok(processed) };
-        let t0 = Instant::now();
-        let chw = p.preprocess(&frame.image);
-        let t1 = Instant::now();
-        let feats = p.embed_preprocessed(&chw)?;
-        let t2 = Instant::now();
-        let scores = match labels {
-            Some(set) => p.classify(&feats, set, opts.top_k)?,
-            None => Vec::new(),
-        };
-        let head = opts.head.as_ref().map(|h| p.classify_head(&feats, h, opts.top_k)).transpose()?;
-        let t3 = Instant::now();
-        let due_every = opts.caption_every > 0 && processed % opts.caption_every as u64 == 0;
-        let due_change = match (opts.caption_on_change, &last_caption_emb) {
+        // the caption-every / caption-on-change decision; on change needs this frame's embedding
+        let due_every = opts.caption_every > 0 && processed.is_multiple_of(opts.caption_every as u64);
+        let changed = |f: &ImageFeatures| match (opts.caption_on_change, &last_caption_emb) {
             (Some(_), None) => true,
-            (Some(t), Some(prev)) => 1.0 - crate::classify::dot(prev, &feats.embedding) > t,
+            (Some(t), Some(prev)) => 1.0 - crate::classify::dot(prev, &f.embedding) > t,
             (None, _) => false,
         };
-        let caption = if due_every || due_change {
-            let c = p.caption(&feats, &opts.caption, |_, _| {})?;
-            last_caption_emb = Some(feats.embedding.clone());
-            Some(c.text)
-        } else {
-            None
+        let req = FrameRequest {
+            labels,
+            top_k: opts.top_k,
+            head: opts.head.as_ref(),
+            caption: (due_every || opts.caption_on_change.is_some()).then_some(&opts.caption),
+            caption_if: if due_every { None } else { Some(&changed) },
         };
+        let result = p.process(&frame.image, &req)?;
         let t4 = Instant::now();
+        let caption = result.caption.map(|c| c.text);
+        if caption.is_some() {
+            last_caption_emb = Some(result.features.embedding);
+            last_caption.clone_from(&caption);
+        }
         processed += 1;
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        let latency = Latency {
-            capture_ms: frame_ms,
-            preprocess_ms: ms(t0, t1),
-            encoder_ms: ms(t1, t2),
-            classify_ms: ms(t2, t3),
-            caption_ms: caption.as_ref().map(|_| ms(t3, t4)),
-        };
+        let t = result.timings;
+        let latency =
+            Latency { capture_ms: frame_ms, preprocess_ms: t.preprocess_ms, encoder_ms: t.encoder_ms, classify_ms: t.classify_ms, caption_ms: t.caption_ms };
         sums.capture += latency.capture_ms;
         sums.preprocess += latency.preprocess_ms;
         sums.encoder += latency.encoder_ms;
@@ -357,22 +360,21 @@ fn process_loop(
             sums.caption += c;
             captions += 1;
         }
+        let scores = |v: Vec<crate::classify::Score>| v.into_iter().map(|s| LabelScore { label: s.label, p: s.probability }).collect::<Vec<_>>();
         let report = FrameReport {
             schema: SCHEMA_VERSION,
             frame: frame.seq,
             t_ms: frame.timestamp.as_secs_f64() * 1e3,
-            labels: scores.iter().map(|s| LabelScore { label: s.label.clone(), p: s.probability }).collect(),
-            head: head.map(|h| h.iter().map(|s| LabelScore { label: s.label.clone(), p: s.probability }).collect()),
+            labels: scores(result.scores.unwrap_or_default()),
+            head: result.head_scores.map(scores),
             latency,
             caption,
-            captured,
-            processed,
-            dropped,
-            bad_frames: bad,
-            driver_dropped: counters.driver_dropped,
-            reconnects: counters.reconnects,
+            counters: Counters { captured, processed, dropped, bad_frames: bad, driver_dropped: counters.driver_dropped, reconnects: counters.reconnects },
         };
-        on_report(&report, &frame)?;
+        let ev = FrameEvent::new(&report, &frame, last_caption.as_deref(), fps.tick());
+        for s in sinks.iter_mut() {
+            s.frame(&ev)?;
+        }
         sums.outputs += t4.elapsed().as_secs_f64() * 1e3;
     };
     // a mean over the captioned frames only

@@ -142,7 +142,7 @@ impl Annotated {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{LabelScore, Latency};
+    use crate::stream::{Counters, LabelScore, Latency};
 
     fn report() -> FrameReport {
         FrameReport {
@@ -153,12 +153,7 @@ mod tests {
             head: None,
             caption: None,
             latency: Latency::default(),
-            captured: 1,
-            processed: 1,
-            dropped: 0,
-            bad_frames: 0,
-            driver_dropped: 0,
-            reconnects: 0,
+            counters: Counters { captured: 1, processed: 1, ..Default::default() },
         }
     }
 

@@ -30,6 +30,13 @@ mod resize;
 pub use decode::{decode_image, load_image};
 pub use frame::{frame_bytes, frame_to_image, PixelFormat, MAX_FRAME_SIDE};
 
+/// Whether `p` has an image file extension (what folders of images are scanned for: frame
+/// sources, head datasets).
+pub fn is_image_file(p: &std::path::Path) -> bool {
+    const EXT: &[&str] = &["jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp", "pgm", "ppm", "pnm"];
+    p.extension().and_then(|e| e.to_str()).map(|e| EXT.contains(&e.to_ascii_lowercase().as_str())).unwrap_or(false)
+}
+
 /// Encode packed RGB8 as a baseline JPEG through libjpeg-turbo (annotated frames, teach mode).
 pub fn encode_jpeg(rgb: &[u8], width: u32, height: u32, quality: u8) -> crate::error::Result<Vec<u8>> {
     jpeg::encode_rgb(rgb, width, height, quality).map_err(|m| crate::error::Error::Image { name: "JPEG encoder".into(), message: m })
