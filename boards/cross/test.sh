@@ -24,7 +24,7 @@ for tool in /usr/bin/rustc aarch64-linux-gnu-gcc qemu-aarch64-static; do
     command -v "$tool" >/dev/null || { echo "cross: $tool missing: run boards/cross/setup.sh" >&2; exit 2; }
 done
 # every test but the C ABI one (it compiles C for the host and runs valgrind)
-TESTS=(--lib --test parity --test tokenizer --test preprocess --test caption --test cli --test stream --test camera --test frames --test heads --test default_model --test precision)
+TESTS=(--lib --test parity --test tokenizer --test preprocess --test caption --test cli --test stream --test camera --test frames --test heads --test default_model --test precision --test layout)
 if [ "${1:-}" = "--" ]; then shift; TESTS=("$@"); fi
 echo "== cross-build for $TARGET with $($RUSTC --version)"
 start=$(date +%s)
