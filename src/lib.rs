@@ -17,7 +17,8 @@
 //! ```
 //!
 //! # Layout
-//! Imports point one way, down this list; nothing imports what is above it.
+//! Imports point one way, down this list; nothing imports what is above it (tests/layout.rs checks
+//! it, and that only `model` names tract). One frame's data flow: docs/architecture.md.
 //! - [`ffi`]: the C ABI (`include/coca_edge.h`), a thin panic-safe layer over the public API.
 //! - [`stream`]: capture thread, latest-frame slot, per-frame labels and captions, reports to
 //!   sinks (JSON lines, saved annotated frames, the preview server).
@@ -29,7 +30,11 @@
 //! - [`caption`]: greedy, beam and sampling search over the KV-cached decoder (open_clip's
 //!   `generate()` semantics).
 //! - [`classify`]: zero-shot label embeddings (prompt templates, averaging, on-disk cache), scores.
-//! - [`model`]: the only module that names tract types: loads, checks, optimises and runs graphs.
+//! - [`model`]: the only module that names tract types: loads, checks, optimises and runs graphs;
+//!   ONNX rewrites before parsing, our tract ops wrapping the kernels, passes after tract's
+//!   optimisation (all crate-private; `EngineOptions::tract_ops` turns them off).
+//! - `kernels` (crate-private): compute kernels with no tract types, one submodule per ISA
+//!   (x86_64, aarch64, portable), one table chosen at start-up (`model::kernel_set()` names it).
 //! - [`board`]: built-in board profiles (`boards/*.toml`): default threads and precision.
 //! - [`bundle`]: the model bundle: versioned manifest, file sizes and hashes, validation.
 //! - [`vision`]: image decoding with limits, preprocessing identical to open_clip's (PIL) transform.
