@@ -38,8 +38,10 @@ pub struct BoardProfile {
     pub features: String,
     /// default inference threads (capped at the cores online)
     pub threads: usize,
-    /// default precision
+    /// default precision (a default: where the bundle has no graphs of it, f32 loads)
     pub precision: String,
+    /// why that precision and thread count, from the measure (printed by `coca info`)
+    pub why: String,
     pub camera: CameraDefaults,
     pub notes: Notes,
 }
@@ -148,6 +150,7 @@ mod tests {
             crate::source::camera::parse_camera_formats(&p.camera.format).unwrap();
             assert!(p.camera.device.starts_with("/dev/") && p.camera.size.contains('x') && p.camera.fps > 0);
             assert!(!p.notes.power.is_empty() && !p.notes.camera.is_empty());
+            assert!(["f32", "int8", "f16"].contains(&p.precision.as_str()) && p.why.starts_with(&p.precision), "{}: {}", p.name, p.why);
         }
         let e = BoardProfile::named("toaster").unwrap_err().to_string();
         assert!(e.contains("known: raspberry-pi-4") && e.contains("auto"), "{e}");

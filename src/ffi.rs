@@ -13,6 +13,14 @@
 //! Thread safety: a `CocaModel` may be shared between threads; calls on one model are
 //! serialised by an internal lock. A `CocaResult` is immutable and may be read from several
 //! threads, but must not be read while (or after) it is freed. Status codes are never reused.
+//!
+//! # Safety
+//! Every `unsafe extern "C"` function here has the same contract, so it is stated once: each
+//! pointer argument is null (refused with `COCA_STATUS_NULL_POINTER` unless its doc says null is
+//! accepted) or valid for the reads or writes its doc describes (`cap` elements or bytes for a
+//! buffer, a NUL-terminated string for `const char *`); handles come from this library and are
+//! not used after their `*_free`. Null is checked; validity and lifetimes cannot be.
+#![allow(clippy::missing_safety_doc)]
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -401,8 +409,8 @@ pub unsafe extern "C" fn coca_model_open(bundle_dir: *const c_char, options: *co
                     format!("options.struct_size is {}, expected {} (initialise with coca_options_default)", o.struct_size, std::mem::size_of::<CocaOptions>()),
                 ));
             }
-            if o.threads > 1024 {
-                return Err(fail(CocaStatus::InvalidArgument, format!("options.threads {} is absurd", o.threads)));
+            if o.threads as usize > crate::model::MAX_THREADS {
+                return Err(fail(CocaStatus::InvalidArgument, format!("options.threads {} is more than {}", o.threads, crate::model::MAX_THREADS)));
             }
             let board = if o.board.is_null() { None } else { crate::board::BoardProfile::resolve(str_arg(o.board, "options.board")?)?.map(|(b, _)| b) };
             let precision = if o.precision.is_null() { None } else { Some(str_arg(o.precision, "options.precision")?) };

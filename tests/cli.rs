@@ -39,6 +39,13 @@ fn assert_one_line_error(out: &Output, needle: &str) {
     assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
 }
 
+/// `coca ARGS` that must succeed, its stdout parsed as JSON.
+fn coca_json(args: &[&dyn AsRef<std::ffi::OsStr>], cache: &Path) -> serde_json::Value {
+    let out = coca(args, cache);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn copy_bundle(to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(bundle()).unwrap() {
@@ -92,9 +99,7 @@ fn embed_prints_one_normalised_vector_per_image() {
 #[test]
 fn info_describes_the_bundle() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = coca(&[&"info", &"--json", &"--threads", &"1"], tmp.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = coca_json(&[&"info", &"--json", &"--threads", &"1"], tmp.path());
     assert_eq!(v["threads"], 1);
     assert_eq!(v["precision"], "f32");
     assert!(v["graphs"].as_array().unwrap().len() >= 2);
@@ -248,6 +253,13 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = coca(&[&"--threads", &"0", &"info"], tmp.path());
     assert_one_line_error(&out, "--threads");
+    // far too many threads: refused before any pool is built (100000 used to panic in the pool's
+    // builder, u64::MAX to start threads until the process was killed)
+    for n in ["100000", "18446744073709551615"] {
+        let out = coca(&[&"--threads", &n, &"info"], tmp.path());
+        assert_one_line_error(&out, "--threads");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("at most 1024"), "{n}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 #[test]
@@ -307,6 +319,29 @@ fn board_profiles_set_defaults_and_unknown_boards_are_refused() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["threads"], 1, "explicit --threads wins over the board");
     assert_one_line_error(&coca(&[&"--board", &"toaster", &"info"], tmp.path()), "unknown board 'toaster'");
+}
+
+/// A board's precision is a default: the Pi 5's int8 loads where the bundle has int8 graphs,
+/// f32 where it has none (and `coca info` says so and why); an explicit --precision int8 on
+/// such a bundle is still refused.
+#[test]
+fn board_precision_is_a_default_that_falls_back_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = coca_json(&[&"--board", &"raspberry-pi-5", &"info", &"--json"], tmp.path());
+    assert_eq!(v["precision"], "int8", "{v}");
+    assert!(v["precision_why"].as_str().unwrap().contains("raspberry-pi-5"), "{v}");
+    let b = tmp.path().join("f32-only");
+    copy_bundle(&b);
+    edit_manifest(&b, |m| {
+        for g in m["graphs"].as_object_mut().unwrap().values_mut() {
+            g["precisions"].as_object_mut().unwrap().retain(|k, _| k == "f32");
+        }
+    });
+    let v = coca_json(&[&"--model", &b, &"--board", &"raspberry-pi-5", &"info", &"--json"], tmp.path());
+    assert_eq!((v["precision"].as_str(), v["precision_asked"].as_str()), (Some("f32"), Some("int8")), "{v}");
+    let img = image("chelsea.png");
+    assert!(coca(&[&"--model", &b, &"--board", &"rpi5", &"embed", &img], tmp.path()).status.success());
+    assert_one_line_error(&coca(&[&"--model", &b, &"--precision", &"int8", &"embed", &img], tmp.path()), "no 'int8' graphs");
 }
 
 /// `--board auto`: under qemu as a Pi 4 or Pi 5 the emulated /proc/cpuinfo's CPU part picks the

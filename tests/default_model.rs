@@ -121,7 +121,7 @@ fn f32_evaluation() -> &'static (Tally, Vec<String>) {
 #[test]
 fn default_model_classifies_and_captions_held_out_scenes() {
     let (tally, wrong_captions) = f32_evaluation();
-    print_tally("held-out scenes through the Rust runtime (f32, greedy captions):", &tally);
+    print_tally("held-out scenes through the Rust runtime (f32, greedy captions):", tally);
     for w in wrong_captions.iter() {
         eprintln!("  wrong caption: {w}");
     }
@@ -138,8 +138,8 @@ fn default_model_classifies_and_captions_held_out_scenes() {
     ];
     let failed: Vec<String> = checks
         .iter()
-        .filter(|(m, min)| rate(&tally, "test", m) < *min)
-        .map(|(m, min)| format!("{m}: {:.1}% < {:.0}%", 100.0 * rate(&tally, "test", m), 100.0 * min))
+        .filter(|(m, min)| rate(tally, "test", m) < *min)
+        .map(|(m, min)| format!("{m}: {:.1}% < {:.0}%", 100.0 * rate(tally, "test", m), 100.0 * min))
         .collect();
     assert!(failed.is_empty(), "default model below its thresholds on the held-out test split: {failed:?}");
 }
@@ -154,7 +154,7 @@ fn int8_variant_keeps_held_out_accuracy_within_one_point() {
     print_tally("held-out scenes, int8 image encoder and decoder step:", &int8_tally);
     let mut worse = Vec::new();
     for (key, _) in f32_tally.iter().filter(|((split, _), _)| split == "test") {
-        let (a, b) = (rate(&f32_tally, &key.0, &key.1), rate(&int8_tally, &key.0, &key.1));
+        let (a, b) = (rate(f32_tally, &key.0, &key.1), rate(&int8_tally, &key.0, &key.1));
         eprintln!("  {:<22} f32 {:.1}%  int8 {:.1}%", key.1, 100.0 * a, 100.0 * b);
         if b < a - 0.01 {
             worse.push(format!("{}: int8 {:.1}% vs f32 {:.1}%", key.1, 100.0 * b, 100.0 * a));

@@ -7,6 +7,7 @@
 //!   captioning tokens cosine >= 0.99 on every image, mean >= 0.995 (the int8/fp16 issue's
 //!   bars); int8 decoder step (int8 weights only): open_clip's greedy tokens but at near ties;
 //! - f16: cosine >= 0.999 on every image.
+//!
 //! Zero-shot top-1 must agree with open_clip's on every golden label set.
 
 mod common;
@@ -128,7 +129,7 @@ fn f16_is_declined_without_fp16_arithmetic_unless_forced() {
         open("f16", false).expect("f16 accepted where the CPU has fp16 arithmetic");
         return;
     }
-    let err = open("f16", false).err().expect("f16 must be declined here").to_string();
+    let err = open("f16", false).expect_err("f16 must be declined here").to_string();
     assert!(err.contains("f16 declined") && err.contains("--force-precision"), "unhelpful message: {err}");
     assert!(!err.contains('\n'), "one line: {err}");
     open("f16", true).expect("forced f16 loads");
@@ -136,7 +137,7 @@ fn f16_is_declined_without_fp16_arithmetic_unless_forced() {
 
 #[test]
 fn unknown_or_missing_precisions_are_clear_errors() {
-    let err = open("int4", false).err().expect("int4 is not a precision").to_string();
+    let err = open("int4", false).expect_err("int4 is not a precision").to_string();
     assert!(err.contains("int4"), "{err}");
     // the shipped tiny test bundle has int8 and f16 image encoders and an int8 decoder step
     // only: the text encoder stays f32 and the pipeline still opens

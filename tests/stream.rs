@@ -235,7 +235,7 @@ fn cli_streams_a_folder_a_y4m_file_and_raw_frames_from_a_pipe() {
     let mut data = b"YUV4MPEG2 W32 H16 F30:1 C420jpeg\n".to_vec();
     for i in 0..3u8 {
         data.extend(b"FRAME\n");
-        data.extend(std::iter::repeat(40 + 60 * i).take(32 * 16));
+        data.extend(std::iter::repeat_n(40 + 60 * i, 32 * 16));
         data.extend([100u8; 2 * 16 * 8]);
     }
     std::fs::write(&y4m, &data).unwrap();

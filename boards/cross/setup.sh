@@ -7,7 +7,8 @@ set -euo pipefail
 need=()
 [ -x /usr/bin/rustc ] && dpkg -s libstd-rust-web-dev:arm64 >/dev/null 2>&1 || need+=(rustc-web cargo-web libstd-rust-web-dev:arm64)
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
-ls /usr/lib/x86_64-linux-gnu/libclang-14.so* >/dev/null 2>&1 || ls /usr/lib/llvm-14/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang1-14)
+# the package, not a file glob: libclang-cpp14 (present on some machines) matches libclang*.so* but is not libclang
+dpkg -s libclang1-14 >/dev/null 2>&1 || need+=(libclang1-14)
 qemu_ok() { command -v qemu-aarch64-static >/dev/null && qemu-aarch64-static --version | grep -qE 'version ([89]|[1-9][0-9])\.'; }
 qemu_ok || need+=(qemu-user-static)
 if [ ${#need[@]} -eq 0 ]; then echo "cross tools: all present"; exit 0; fi

@@ -52,6 +52,8 @@ struct Global {
     quiet: bool,
 }
 
+// parsed once per process: the size of the largest arguments struct does not matter
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Zero-shot classify images against text labels
@@ -72,6 +74,26 @@ enum Cmd {
     /// Heads trained on the frozen encoder: your own classes from a few labelled images
     #[command(subcommand)]
     Head(HeadCmd),
+    /// Run one graph N times on fixed inputs and print a checksum, with no timing output: the
+    /// workload of the exact ARM instruction measure (boards/cross/armcount.sh)
+    #[command(hide = true)]
+    GraphRuns(GraphRunsArgs),
+}
+
+#[derive(Args, Debug)]
+struct GraphRunsArgs {
+    /// image_encoder, cross_kv or decoder_step
+    #[arg(long, value_parser = ["image_encoder", "cross_kv", "decoder_step"])]
+    graph: String,
+    /// Runs of the graph after the set-up (the measure takes the difference of two run counts)
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// decoder_step: sequences per step (1 = greedy, 6 = six beams)
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// decoder_step: tokens already in the KV cache
+    #[arg(long, default_value_t = 0)]
+    past: usize,
 }
 
 #[derive(Args, Debug)]
@@ -440,8 +462,14 @@ fn model_dir(g: &Global) -> PathBuf {
 }
 
 fn engine_options(g: &Global) -> Result<EngineOptions> {
-    if g.threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
+    match g.threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) if n > model::MAX_THREADS => anyhow::bail!(
+            "--threads {n}: at most {} (this machine has {} cores)",
+            model::MAX_THREADS,
+            std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1)
+        ),
+        _ => {}
     }
     let board = board(g)?;
     let mut opts = EngineOptions::for_board(board.as_ref().map(|(b, _)| b), g.threads, g.precision.as_deref());
@@ -483,6 +511,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Stream(a) => stream_cmd(&cli.global, a),
         Cmd::Head(HeadCmd::Train(a)) => head_train_cmd(&cli.global, a),
         Cmd::Head(HeadCmd::Eval(a)) => head_eval_cmd(&cli.global, a),
+        Cmd::GraphRuns(a) => graph_runs_cmd(&cli.global, a),
     }
 }
 
@@ -694,6 +723,45 @@ fn embed_cmd(g: &Global, a: EmbedArgs) -> Result<ExitCode> {
     })
 }
 
+/// `coca graph-runs`: fixed, deterministic inputs (a smooth synthetic image, its captioning
+/// tokens, zero ids and mask), so two processes that differ only in --runs differ only by the
+/// graph's own work. Prints one checksum line per run.
+fn graph_runs_cmd(g: &Global, a: GraphRunsArgs) -> Result<ExitCode> {
+    let p = open_pipeline(g, true)?;
+    let size = p.bundle().manifest().image.size as usize;
+    let chw: Vec<f32> = (0..3 * size * size).map(|i| ((i % 97) as f32 / 48.0 - 1.0) * 0.8).collect();
+    let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
+    let mut out = std::io::stdout().lock();
+    if a.graph == "image_encoder" {
+        for _ in 0..a.runs {
+            let f = p.embed_preprocessed(&chw)?;
+            writeln!(out, "{:e}", sum(&f.embedding) + sum(&f.tokens))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dec = p.decoder()?;
+    let features = p.embed_preprocessed(&chw)?;
+    if a.graph == "cross_kv" {
+        for _ in 0..a.runs {
+            dec.cross_kv(&features.tokens)?;
+            writeln!(out, "cross_kv")?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (b, past) = (a.batch.max(1), a.past);
+    let cross = dec.cross_kv(&features.tokens)?;
+    let mut cache = dec.empty_cache(b);
+    if past > 0 {
+        dec.step(&mut cache, &vec![1i64; b * past], past, &vec![0f32; b * past], &cross)?;
+    }
+    for _ in 0..a.runs {
+        let mut c = cache.clone();
+        let logits = dec.step(&mut c, &vec![1i64; b], 1, &vec![0f32; b * (past + 1)], &cross)?;
+        writeln!(out, "{:e}", sum(&logits))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
     let opts = engine_options(g)?;
     let p = open_pipeline(g, true)?;
@@ -730,6 +798,12 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         (None, Some("auto")) => "none detected (not a known board; defaults apply)".to_string(),
         (None, _) => "none (--board NAME or auto)".to_string(),
     };
+    // where the precision came from, and why a board chose it
+    let precision_why = match (&g.precision, &found) {
+        (Some(_), _) => "--precision".to_string(),
+        (None, Some((bp, _))) => format!("board {} default: {}", bp.name, bp.why),
+        (None, None) => "the default (no --precision, no board)".to_string(),
+    };
     let info = serde_json::json!({
         "bundle": b.dir().display().to_string(),
         "name": m.name,
@@ -740,7 +814,9 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         "caption_tokens": m.dims.caption_tokens,
         "context_length": m.text.context_length,
         "logit_scale": m.logit_scale,
-        "precision": opts.precision,
+        "precision": p.image_encoder().graph().precision(),
+        "precision_asked": opts.precision,
+        "precision_why": precision_why,
         "f16_usable": coca_edge::model::check_precision("f16", false).is_ok(),
         "threads": opts.effective_threads(),
         "image_encoder_load_s": p.image_encoder().graph().load_time().as_secs_f64(),
@@ -769,7 +845,9 @@ fn info_cmd(g: &Global, a: InfoArgs) -> Result<ExitCode> {
         } else {
             "f16 declined here: no fp16 arithmetic; --force-precision overrides"
         };
-        writeln!(out, "precision     {} ({f16})", opts.precision)?;
+        let loaded = p.image_encoder().graph().precision();
+        let fell_back = if loaded != opts.precision { format!(", {} asked but not in this bundle or declined", opts.precision) } else { String::new() };
+        writeln!(out, "precision     {loaded} ({precision_why}{fell_back}; {f16})")?;
         writeln!(out, "threads       {}", opts.effective_threads())?;
         writeln!(out, "board         {}", board_line)?;
         writeln!(out, "cpu           {} [{}]", std::env::consts::ARCH, model::cpu_features().join(" "))?;
@@ -829,7 +907,7 @@ fn bench_cmd(g: &Global, a: BenchArgs) -> Result<ExitCode> {
     let load_s = t0.elapsed().as_secs_f64();
     let bytes = std::fs::read(&a.image).map_err(|e| anyhow::anyhow!("{}: {e}", a.image.display()))?;
     let name = a.image.display().to_string();
-    let limits = p.options().limits.clone();
+    let limits = p.options().limits;
     let (mut dec, mut pre, mut enc) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.warmup + a.runs {
         let t = std::time::Instant::now();
@@ -991,7 +1069,7 @@ fn bench_caption(p: &Pipeline, bytes: &[u8], name: &str, a: &BenchArgs) -> Resul
     }
     let runs = a.runs.clamp(1, 5);
     let mut whole = serde_json::Map::new();
-    for (label, search) in [("greedy", Search::Greedy), ("beam", Search::Beam { beams: a.beams, groups: if a.beams % 3 == 0 { 3 } else { 1 } })] {
+    for (label, search) in [("greedy", Search::Greedy), ("beam", Search::Beam { beams: a.beams, groups: if a.beams.is_multiple_of(3) { 3 } else { 1 } })] {
         let opts = CaptionOptions { search, max_tokens: a.caption_len, ..Default::default() };
         let mut ts = Vec::new();
         let mut tokens = 0;

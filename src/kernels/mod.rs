@@ -12,6 +12,10 @@
 //! constructor that checks the CPU features it needs (and refuses with the missing one), and list
 //! it in [`candidates`] before the ones it beats. The model's ops (`src/model/`) need no change.
 
+// SIMD kernels index several arrays in lockstep (accumulators by row, lanes by column), and
+// their signatures are the table's (pointers, strides and sizes), not a design choice per kernel.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
 pub(crate) mod parallel;
 pub(crate) mod portable;
 

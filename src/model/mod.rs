@@ -365,6 +365,10 @@ pub fn rss_bytes() -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// The most inference threads accepted (CLI `--threads`, C `options.threads`): far above any
+/// board's cores, far below what exhausts a process's threads or panics the pool's builder.
+pub const MAX_THREADS: usize = 1024;
+
 /// How graphs are loaded and run.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -376,6 +380,9 @@ pub struct EngineOptions {
     /// Load f16 graphs even where tract has no fp16 kernel for this CPU (see
     /// [`check_precision`]).
     pub force_precision: bool,
+    /// `precision` is a default (a board profile's), not a demand: where the bundle has no
+    /// graphs of that precision, or the CPU declines it, load f32 and say so once per graph.
+    pub precision_is_default: bool,
     /// tract's own translation of every op, none of ours (for comparisons and diagnosis).
     /// The default comes from the environment: `COCA_TRACT_OPS=1`.
     pub tract_ops: bool,
@@ -388,7 +395,7 @@ fn tract_ops_from_env() -> bool {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { threads: 0, precision: "f32".into(), force_precision: false, tract_ops: tract_ops_from_env() }
+        EngineOptions { threads: 0, precision: "f32".into(), force_precision: false, precision_is_default: false, tract_ops: tract_ops_from_env() }
     }
 }
 
@@ -421,6 +428,7 @@ pub struct Graph {
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     load_time: std::time::Duration,
+    precision: String,
 }
 
 impl std::fmt::Debug for Graph {
@@ -462,8 +470,13 @@ impl Graph {
         let t0 = Instant::now();
         let _memory = LoadMemory::begin();
         let spec: &GraphSpec = bundle.graph(name)?;
-        check_precision(&opts.precision, opts.force_precision)?;
-        let precision = bundle.graph_precision(name, &opts.precision)?;
+        let precision = match check_precision(&opts.precision, opts.force_precision).and_then(|_| bundle.graph_precision(name, &opts.precision)) {
+            Err(e) if opts.precision_is_default && opts.precision != "f32" => {
+                log::info!("{name}: the board's default precision {} is not available here ({e}); loading f32", opts.precision);
+                bundle.graph_precision(name, "f32")?
+            }
+            r => r?,
+        };
         let path = bundle.graph_file(name, &precision)?;
         let mismatch = |message: String| Error::GraphMismatch { path: path.clone(), message };
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
@@ -575,11 +588,15 @@ impl Graph {
         mem("planned");
         let load_time = t0.elapsed();
         log::debug!("{name}: loaded {} in {:.2?}", path.display(), load_time);
-        Ok(Graph { name: name.to_string(), path, plan, inputs: spec.inputs.clone(), outputs: spec.outputs.clone(), load_time })
+        Ok(Graph { name: name.to_string(), path, plan, inputs: spec.inputs.clone(), outputs: spec.outputs.clone(), load_time, precision })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// The precision of the file that was loaded (f32 where the bundle has no other).
+    pub fn precision(&self) -> &str {
+        &self.precision
     }
     pub fn load_time(&self) -> std::time::Duration {
         self.load_time
@@ -739,7 +756,7 @@ impl TextEncoder {
     /// Encode `ids.len() / context` texts; returns `n * embed_dim` values.
     pub fn run(&self, ids: &[i64], mut progress: impl FnMut(usize, usize)) -> Result<Vec<f32>> {
         let ctx = self.context;
-        if ids.len() % ctx != 0 {
+        if !ids.len().is_multiple_of(ctx) {
             return Err(Error::InvalidArgument(format!("{} token ids is not a multiple of the context length {ctx}", ids.len())));
         }
         let n = ids.len() / ctx;
@@ -1011,6 +1028,25 @@ pub fn kernel_report(m: usize, k: usize, n: usize) -> KernelReport {
     KernelReport { isa: format!("{isa:?}"), level: isa.nickname().to_string(), matmul_f32: name(DatumType::F32), matmul_f16: name(DatumType::F16) }
 }
 
+impl EngineOptions {
+    /// The one place a board profile becomes engine options: explicit `threads` and
+    /// `precision` win, then the board's (its threads capped at the cores online), then the
+    /// defaults. `force_precision` and any later fields keep their defaults.
+    pub fn for_board(board: Option<&crate::board::BoardProfile>, threads: Option<usize>, precision: Option<&str>) -> EngineOptions {
+        let mut o = EngineOptions::default();
+        if let Some(t) = threads.or_else(|| board.map(|b| b.threads_here())) {
+            o.threads = t;
+        }
+        if let Some(p) = precision {
+            o.precision = p.to_string();
+        } else if let Some(b) = board {
+            o.precision = b.precision.clone();
+            o.precision_is_default = true;
+        }
+        o
+    }
+}
+
 #[cfg(test)]
 mod load_tests {
     const OURS: super::Rewrites = super::Rewrites { ours: true, f32_products: false };
@@ -1057,21 +1093,5 @@ mod load_tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         assert!(load_onnx_with(&path, OURS).is_err());
-    }
-}
-
-impl EngineOptions {
-    /// The one place a board profile becomes engine options: explicit `threads` and
-    /// `precision` win, then the board's (its threads capped at the cores online), then the
-    /// defaults. `force_precision` and any later fields keep their defaults.
-    pub fn for_board(board: Option<&crate::board::BoardProfile>, threads: Option<usize>, precision: Option<&str>) -> EngineOptions {
-        let mut o = EngineOptions::default();
-        if let Some(t) = threads.or_else(|| board.map(|b| b.threads_here())) {
-            o.threads = t;
-        }
-        if let Some(p) = precision.map(str::to_string).or_else(|| board.map(|b| b.precision.clone())) {
-            o.precision = p;
-        }
-        o
     }
 }

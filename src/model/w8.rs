@@ -348,6 +348,7 @@ mod tests {
                         kernels.push((name, out));
                     }
                     for (name, got) in kernels {
+                        #[allow(clippy::needless_range_loop)]
                         for r in 0..rows {
                             for j in 0..NB.min(n) {
                                 assert!(close(got[r][j] * p.scale[j], r * n + j), "{name} rows {rows} k {k} n {n}");

@@ -404,7 +404,7 @@ mod tests {
         let mut data = b"YUV4MPEG2 W4 H2 F25:1 Ip A1:1 C420jpeg\n".to_vec();
         for i in 0..3u8 {
             data.extend(b"FRAME\n");
-            data.extend(std::iter::repeat(16 + i * 50).take(8));
+            data.extend(std::iter::repeat_n(16 + i * 50, 8));
             data.extend([128u8; 4]);
         }
         data.extend(b"FRAME\n");

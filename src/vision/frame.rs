@@ -69,10 +69,10 @@ pub fn frame_to_image(data: &[u8], width: u32, height: u32, stride: usize, forma
     if stride < row {
         return Err(bad(format!("stride {stride} is less than a row's {row} bytes")));
     }
-    if matches!(format, PixelFormat::Yuyv | PixelFormat::Nv12 | PixelFormat::I420) && width % 2 != 0 {
+    if matches!(format, PixelFormat::Yuyv | PixelFormat::Nv12 | PixelFormat::I420) && !width.is_multiple_of(2) {
         return Err(bad("width must be even".into()));
     }
-    if matches!(format, PixelFormat::Nv12 | PixelFormat::I420) && height % 2 != 0 {
+    if matches!(format, PixelFormat::Nv12 | PixelFormat::I420) && !height.is_multiple_of(2) {
         return Err(bad("height must be even".into()));
     }
     let rows = if format == PixelFormat::Nv12 { height as usize + height as usize / 2 } else { height as usize };
