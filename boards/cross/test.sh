@@ -17,6 +17,9 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 # -L / : the machine's own arm64 glibc (multiarch); -L /usr/aarch64-linux-gnu hangs thread spawns
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /"
 export COCA_TEST_RUNNER="qemu-aarch64-static -L /"
+# the checkout's path out of the binary (panic locations, line tables): the exact ARM measure
+# (boards/cross/armcount.sh) then counts the same instructions from any clone
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="--remap-path-prefix=$PWD=/coca-edge ${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS:-}"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 # v4l's bindgen (feature camera): the arm64 kernel and libc headers of the cross packages
 export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="-isystem /usr/aarch64-linux-gnu/include"
