@@ -282,3 +282,28 @@ fn int8_decoder_keeps_pytorch_greedy_captions() {
     assert!(bad.is_empty(), "{bad:?}");
     assert!(same * 2 > cases.len(), "most captions identical");
 }
+
+/// Run-time-quantised int8 products (quantize.py's "dyn-q8": DynamicQuantizeLinear ->
+/// MatMulInteger -> Cast -> Mul -> Mul, onnxruntime's dynamic-quantisation form) are fused into
+/// coca-edge's `MatMulQ8` at load (src/model/q8.rs), and compute what onnxruntime computes: the
+/// integer product is exact, so the only differences are f32 roundings in the same order (the
+/// tolerance is 1e-6 of the largest value). Inputs of mixed sign, of one sign (zero point 0 and
+/// 255) and all zeros (scale 1).
+#[test]
+fn run_time_quantised_products_match_onnxruntime() {
+    let fx: Value = serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/precision/dq8_matmul.json")).unwrap()).unwrap();
+    let model = OnnxGraph::load(&root().join("tests/fixtures/precision/dq8_matmul.onnx"), None, &EngineOptions::default()).unwrap();
+    if std::env::var_os("COCA_TRACT_OPS").is_none() {
+        assert_eq!(model.op_count("MatMulQ8"), 3, "every product fused, the shared DynamicQuantizeLinear included");
+    }
+    for case in ["mixed", "positive", "negative", "zeros"] {
+        let out = model.run(&[(&[2, 3, 40], &floats(&fx[case]["x"]))]).unwrap();
+        for (ix, key) in [(0, "y2"), (1, "y3")] {
+            let want = floats(&fx[case][key]);
+            assert_eq!(out[ix].len(), want.len(), "{case} {key}");
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = out[ix].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-6 * scale.max(1.0), "{case} {key}: {diff:e} from onnxruntime (values up to {scale})");
+        }
+    }
+}

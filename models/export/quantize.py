@@ -9,6 +9,10 @@ int8, two designs (docs/precision.md measures them), chosen per graph by --int8-
 "sym-w8" (default for decoder_step, a matrix-vector product per token at batch 1, bound by
 the bytes of its weights): int8 weights, f32 activations, see quantize_w8.
 
+"dyn-q8" (--int8-design dq8): int8 weights, activations quantised at run time per tensor
+(DynamicQuantizeLinear -> MatMulInteger), see quantize_dq8: the decoder step in 8-bit dot
+products (SDOT) on the Cortex-A76/A78 boards.
+
 "sym-mmi" (default for the image encoder, whose products have a row per patch):
 every matrix product with a constant weight (MatMul, Gemm) becomes
 
@@ -119,6 +123,9 @@ def decoder_calibration(bundle, manifest, image_feeds, n_images=12, steps=20):
     sot, eot = int(manifest["text"]["sot"]), int(manifest["text"]["eot"])
     # (with a restricted vocabulary, text.vocab_map, the manifest's sot and eot are already the
     # decoder's own ids)
+    # never past the decoder's positions (a short-context model, such as the shipped default,
+    # has fewer than `steps`)
+    steps = min(steps, int(dec.get("max_positions", steps)))
     feeds = []
     for feed in image_feeds[: 2 * n_images : 2]:
         tokens = sess["image_encoder"].run(None, feed)[1]
@@ -277,6 +284,51 @@ def quantize_w8(src, dst):
     return len(found)
 
 
+def quantize_dq8(src, dst):
+    """Dynamic int8 ("dyn-q8"): int8 weights as in sym-w8, and the activations quantised at run
+    time, per tensor, by the standard ONNX operator (onnxruntime's own dynamic-quantisation form):
+
+        x -> DynamicQuantizeLinear -> (q u8, s_x, z_x)
+          -> MatMulInteger(q, W8, z_x) -> Cast(f32) -> Mul(s_x) -> Mul(s_w) [-> Add(bias)]
+
+    One DynamicQuantizeLinear per activation, shared by every product reading it (q, k, v). No
+    calibration: the range is the tensor's own at each step, so it follows every token. The
+    integer product is exact, so a runtime that computes it with 8-bit dot products (coca-edge's
+    `MatMulQ8`, src/model/q8.rs: SDOT on Cortex-A76/A78) gives onnxruntime's numbers."""
+    model = onnx.load(src)
+    found = weight_matmuls(model)
+    if not found:
+        raise SystemExit(f"error: {src} has no matrix product with a constant weight to quantize")
+    new_inits = []
+    replaced = {}
+    used_weights = set()
+    quantized = {}  # activation name -> (q, scale, zero point)
+    for k, (n, w, bias) in enumerate(found):
+        x = n.input[0]
+        s_w = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0).astype(np.float32)
+        w8 = np.clip(np.round(w / s_w), -127, 127).astype(np.int8)
+        tag = f"dq8_{k}"
+        new_inits += [numpy_helper.from_array(w8, f"{tag}_w"), numpy_helper.from_array(s_w, f"{tag}_scale")]
+        quant = []
+        if x not in quantized:
+            quantized[x] = (f"{tag}_xq", f"{tag}_xs", f"{tag}_xz")
+            quant = [helper.make_node("DynamicQuantizeLinear", [x], list(quantized[x]), name=f"{n.name}/dynquant")]
+        xq, xs, xz = quantized[x]
+        out = n.output[0]
+        nodes = quant + [
+            helper.make_node("MatMulInteger", [xq, f"{tag}_w", xz], [f"{tag}_i32"], name=f"{n.name}/mmi"),
+            helper.make_node("Cast", [f"{tag}_i32"], [f"{tag}_c"], to=TensorProto.FLOAT, name=f"{n.name}/cast"),
+            helper.make_node("Mul", [f"{tag}_c", xs], [f"{tag}_cx"], name=f"{n.name}/xscale"),
+            helper.make_node("Mul", [f"{tag}_cx", f"{tag}_scale"], [out if bias is None else f"{tag}_nobias"], name=f"{n.name}/wscale"),
+        ]
+        if bias is not None:
+            nodes.append(helper.make_node("Add", [f"{tag}_nobias", bias], [out], name=f"{n.name}/bias"))
+        replaced[id(n)] = nodes
+        used_weights.add(n.input[1])
+    save_rewritten(model, replaced, used_weights, new_inits, dst)
+    return len(found)
+
+
 # ---------------------------------------------------------------- f16
 
 def gemm_to_matmul(model):
@@ -422,10 +474,13 @@ def add_variants(bundle, precisions, graphs=None, calib_images=None, design="aut
             elif g == "cross_kv":
                 graph_feeds = captioning_tokens(bundle, manifest, feeds)
                 log(f"cross_kv calibration: captioning tokens of {len(graph_feeds)} images")
-            method = {"mmi": METHOD, "w8": "sym-w8"}[int8_design(g, design)]
+            method = {"mmi": METHOD, "w8": "sym-w8", "dq8": "dyn-q8"}[int8_design(g, design)]
             if prec == "int8" and method == "sym-w8":
                 n = quantize_w8(src, dst)
                 what = f"{n} matrix products with int8 weights ({method})"
+            elif prec == "int8" and method == "dyn-q8":
+                n = quantize_dq8(src, dst)
+                what = f"{n} matrix products with int8 weights and run-time int8 activations ({method})"
             elif prec == "int8":
                 n = quantize_int8(src, dst, graph_feeds)
                 what = f"{n} matrix products int8 ({method})"
@@ -460,8 +515,9 @@ def main(argv=None):
     ap.add_argument("--graphs", default="image_encoder",
                     help="comma list of graphs: image_encoder (default), cross_kv, decoder_step (int8); any (f16)")
     ap.add_argument("--calib-images", default=None, help="calibration images (default tests/fixtures/images)")
-    ap.add_argument("--int8-design", default="auto", choices=["auto", "mmi", "w8"],
-                    help="mmi: int8 activations and weights (MatMulInteger); w8: int8 weights only; "
+    ap.add_argument("--int8-design", default="auto", choices=["auto", "mmi", "w8", "dq8"],
+                    help="mmi: int8 activations (calibrated scale) and weights (MatMulInteger); w8: int8 weights only; "
+                         "dq8: int8 weights, activations quantised at run time (DynamicQuantizeLinear); "
                          "auto (default): w8 for decoder_step, mmi for the others")
     args = ap.parse_args(argv)
     add_variants(args.bundle, [p.strip() for p in args.precision.split(",") if p.strip()],

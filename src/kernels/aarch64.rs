@@ -6,6 +6,10 @@
 //!   scalar one on ARM.
 //! - f32 products by packed weights: R rows x 32 columns held in 8 x R registers over the whole k,
 //!   four k-steps of a row per load (`fmla` by lane).
+//! - int8 x int8 products (the decoder step's run-time-quantised design, `MatMulQ8`): with the
+//!   8-bit dot product (`sdot`, ARMv8.2 dotprod: Cortex-A76 = Pi 5, A78AE = Jetson Orin) four
+//!   multiply-adds per lane per instruction, 16 columns x 4 k in four registers; without it
+//!   (Cortex-A72 = Pi 4) `smull` to 16 bits and pairwise-add-accumulate (`sadalp`) to 32.
 //! - LayerNorm and quantize: the portable bodies (NEON is the baseline of the target, so the
 //!   compiler vectorises them with it).
 //!
@@ -15,7 +19,7 @@
 
 use std::arch::aarch64::*;
 
-use super::{portable, Kernels, F32_NB, W8_MAX_ROWS, W8_NB};
+use super::{portable, Kernels, F32_NB, Q8_KSTEP, Q8_MAX_ROWS, Q8_NB, W8_MAX_ROWS, W8_NB};
 
 /// Most rows of the f32 kernel: 8 x 3 accumulators, 3 row registers and one weight register fit
 /// NEON's 32.
@@ -31,10 +35,130 @@ pub(crate) fn neon() -> Result<Kernels, String> {
         f32_rows: F32_ROWS,
         attention: portable::attention_slice,
         w8_block: w8_block_neon,
+        q8_block: q8_block_neon,
         layer_norm: portable::layer_norm,
         quantize_i8: portable::quantize_i8,
         fuse_f32: false,
     })
+}
+
+/// NEON with the 8-bit dot product (`FEAT_DotProd`): the NEON table with `sdot` for the
+/// int8 x int8 products.
+pub(crate) fn dotprod() -> Result<Kernels, String> {
+    let base = neon()?;
+    if !std::arch::is_aarch64_feature_detected!("dotprod") {
+        return Err("this CPU has no 8-bit dot product (asimddp)".into());
+    }
+    Ok(Kernels { name: "aarch64 neon+dotprod", q8_block: q8_block_dotprod, ..base })
+}
+
+fn q8_check(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &[[i32; Q8_NB]]) {
+    assert!((1..=Q8_MAX_ROWS).contains(&rows) && kp.is_multiple_of(Q8_KSTEP) && a.len() >= rows * kp && w.len() >= kp * Q8_NB && acc.len() >= rows);
+}
+
+fn q8_block_dotprod(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32; Q8_NB]]) {
+    q8_check(a, rows, kp, w, acc);
+    // SAFETY: only in the dotprod table (built where the CPU has it); sizes checked above
+    unsafe {
+        let (a, w, o) = (a.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
+        match rows {
+            1 => q8_sdot::<1>(a, kp, w, o),
+            2 => q8_sdot::<2>(a, kp, w, o),
+            3 => q8_sdot::<3>(a, kp, w, o),
+            _ => q8_sdot::<4>(a, kp, w, o),
+        }
+    }
+}
+
+/// `acc += w · a[lane]`, four 8-bit products per 32-bit lane (`sdot` by element; the intrinsic
+/// is not stable in Rust yet, the instruction is).
+#[inline(always)]
+unsafe fn sdot<const L: i32>(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    std::arch::asm!("sdot {acc:v}.4s, {w:v}.16b, {a:v}.4b[{l}]", acc = inout(vreg) acc, w = in(vreg) w, a = in(vreg) a, l = const L,
+        options(pure, nomem, nostack, preserves_flags));
+    acc
+}
+
+/// R rows by one block of 16 columns: per 16 k, one activation register per row (four 4-byte
+/// lanes) and four groups of four weight registers (one `ld1` of 64 bytes each).
+/// SAFETY: NEON and dotprod; `a` R x kp, `w` kp x 16 in the [`super::Q8Block`] order.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn q8_sdot<const R: usize>(a: *const i8, kp: usize, w: *const i8, out: *mut [i32; Q8_NB]) {
+    let mut acc = [[vdupq_n_s32(0); 4]; R];
+    let mut kk = 0;
+    while kk < kp {
+        let mut av = [vdupq_n_s8(0); R];
+        for r in 0..R {
+            av[r] = vld1q_s8(a.add(r * kp + kk));
+        }
+        macro_rules! group {
+            ($l:literal) => {
+                let wv = vld1q_s8_x4(w.add((kk + 4 * $l) * Q8_NB));
+                for r in 0..R {
+                    acc[r][0] = sdot::<$l>(acc[r][0], wv.0, av[r]);
+                    acc[r][1] = sdot::<$l>(acc[r][1], wv.1, av[r]);
+                    acc[r][2] = sdot::<$l>(acc[r][2], wv.2, av[r]);
+                    acc[r][3] = sdot::<$l>(acc[r][3], wv.3, av[r]);
+                }
+            };
+        }
+        group!(0);
+        group!(1);
+        group!(2);
+        group!(3);
+        kk += 16;
+    }
+    for r in 0..R {
+        let o = (*out.add(r)).as_mut_ptr();
+        for q in 0..4 {
+            vst1q_s32(o.add(4 * q), acc[r][q]);
+        }
+    }
+}
+
+fn q8_block_neon(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32; Q8_NB]]) {
+    q8_check(a, rows, kp, w, acc);
+    // SAFETY: only in the NEON tables; sizes checked above
+    unsafe {
+        let (a, w, o) = (a.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
+        match rows {
+            1 => q8_smull::<1>(a, kp, w, o),
+            2 => q8_smull::<2>(a, kp, w, o),
+            3 => q8_smull::<3>(a, kp, w, o),
+            _ => q8_smull::<4>(a, kp, w, o),
+        }
+    }
+}
+
+/// R rows by one block of 16 columns without a dot product: per group of four k, the row's
+/// four bytes repeated over a register, `smull`/`smull2` against the four weight registers
+/// (each product fits 16 bits) and `sadalp` into 32-bit pair sums, added pairwise at the end.
+/// SAFETY: NEON; `a` R x kp, `w` kp x 16 in the [`super::Q8Block`] order.
+#[target_feature(enable = "neon")]
+unsafe fn q8_smull<const R: usize>(a: *const i8, kp: usize, w: *const i8, out: *mut [i32; Q8_NB]) {
+    // acc[r][q][h]: columns 4q + 2h, 4q + 2h + 1, two k-pair sums each
+    let mut acc = [[[vdupq_n_s32(0); 2]; 4]; R];
+    let mut kk = 0;
+    while kk < kp {
+        let wv = vld1q_s8_x4(w.add(kk * Q8_NB));
+        let wq = [wv.0, wv.1, wv.2, wv.3];
+        for r in 0..R {
+            let x = vreinterpretq_s8_s32(vld1q_dup_s32(a.add(r * kp + kk) as *const i32));
+            for q in 0..4 {
+                acc[r][q][0] = vpadalq_s16(acc[r][q][0], vmull_s8(vget_low_s8(wq[q]), vget_low_s8(x)));
+                acc[r][q][1] = vpadalq_s16(acc[r][q][1], vmull_high_s8(wq[q], x));
+            }
+        }
+        kk += 4;
+    }
+    for r in 0..R {
+        let o = (*out.add(r)).as_mut_ptr();
+        for q in 0..4 {
+            // (c0 pair sums, c1 pair sums) + (c2, c3) -> c0..c3
+            vst1q_s32(o.add(4 * q), vpaddq_s32(acc[r][q][0], acc[r][q][1]));
+        }
+    }
 }
 
 /// # Safety

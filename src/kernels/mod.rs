@@ -37,6 +37,12 @@ pub(crate) const F32_NB: usize = 32;
 pub(crate) const W8_NB: usize = 16;
 /// Most rows an int8-weight kernel computes together (each weight block is read once per group).
 pub(crate) const W8_MAX_ROWS: usize = 6;
+/// Columns per packed block of the int8 x int8 product ([`Q8Block`]).
+pub(crate) const Q8_NB: usize = 16;
+/// k of a [`Q8Block`]'s operands is padded to a multiple of this (zeros in the weights).
+pub(crate) const Q8_KSTEP: usize = 16;
+/// Most rows a [`Q8Block`] computes together.
+pub(crate) const Q8_MAX_ROWS: usize = 4;
 
 /// `out[r, 0..cols] = bias + Σ_kk a[r, kk] · w[kk, 0..cols] (+ res[r, 0..cols])` for `rows` rows of
 /// `a` (row stride k) and one packed block `w` (k x [`F32_NB`]); `out` and `res` have row stride
@@ -59,6 +65,12 @@ pub(crate) type AttentionSlice = unsafe fn(a: Mat, b: Mat, v: Mat, o: Mat, dims:
 /// the caller.
 pub(crate) type W8Block = fn(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f32; W8_NB]]);
 
+/// `acc[r][j] = Σ_kk a[r, kk] · w[kk, j]`, exact in i32, for `rows` (1..=[`Q8_MAX_ROWS`]) rows
+/// of int8 `a` (row stride `kp`, a multiple of [`Q8_KSTEP`]) and one packed block `w` of
+/// [`Q8_NB`] columns in groups of four k: byte `(g·16 + j)·4 + t` is `w[4g + t, j]` (the operand
+/// order of an 8-bit dot product instruction: four k of one column in one 32-bit lane).
+pub(crate) type Q8Block = fn(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32; Q8_NB]]);
+
 /// Normalise `x` viewed as [outer, n, inner] along n into `y`, then `· scale[i] + bias[i]`.
 pub(crate) type LayerNorm = fn(x: &[f32], y: &mut [f32], n: usize, inner: usize, scale: &[f32], bias: &[f32], eps: f32);
 
@@ -76,6 +88,7 @@ pub(crate) struct Mat {
 /// Per-thread buffers of an attention slice: operands copied where their rows are not
 /// contiguous, scores, row sums. (The portable loops use only the scores.)
 #[derive(Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Scratch {
     pub a: Vec<f32>,
     pub b: Vec<f32>,
@@ -97,6 +110,7 @@ pub(crate) struct Kernels {
     pub f32_rows: usize,
     pub attention: AttentionSlice,
     pub w8_block: W8Block,
+    pub q8_block: Q8Block,
     pub layer_norm: LayerNorm,
     pub quantize_i8: QuantizeI8,
     /// the f32 products and attention of this table were measured faster than tract's own
@@ -121,6 +135,7 @@ pub(crate) fn candidates() -> Vec<(&'static str, Result<Kernels, String>)> {
     }
     #[cfg(target_arch = "aarch64")]
     {
+        v.push(("aarch64 neon+dotprod", aarch64::dotprod()));
         v.push(("aarch64 neon", aarch64::neon()));
     }
     v.push(("portable", Ok(portable::table())));

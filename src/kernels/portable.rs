@@ -2,12 +2,12 @@
 //! compile again with their target features enabled (`#[inline(always)]` here, so each
 //! `#[target_feature]` wrapper gets its own vectorised copy).
 
-use super::{Kernels, Mat, Scratch, F32_NB, W8_MAX_ROWS, W8_NB};
+use super::{Kernels, Mat, Scratch, F32_NB, Q8_KSTEP, Q8_MAX_ROWS, Q8_NB, W8_MAX_ROWS, W8_NB};
 
 /// The portable table (every CPU runs it). Its f32 products are correct but not fast: the model
 /// leaves f32 products to tract where this is all there is.
 pub(crate) fn table() -> Kernels {
-    Kernels { name: "portable", f32_block, f32_rows: 4, attention: attention_slice, w8_block, layer_norm, quantize_i8, fuse_f32: false }
+    Kernels { name: "portable", f32_block, f32_rows: 4, attention: attention_slice, w8_block, q8_block, layer_norm, quantize_i8, fuse_f32: false }
 }
 
 /// [`super::F32Block`] with plain loops (separate multiply and add: `mul_add` is a library call
@@ -81,6 +81,21 @@ pub(crate) fn w8_block(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f
         for (&x, wk) in a[r * k..(r + 1) * k].iter().zip(w.chunks_exact(W8_NB)) {
             for j in 0..W8_NB {
                 s[j] += x * wk[j] as f32;
+            }
+        }
+        *out = s;
+    }
+}
+
+/// [`super::Q8Block`] in plain Rust (the bodies of the ISA tables without an 8-bit dot product).
+#[inline(always)]
+pub(crate) fn q8_block(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32; Q8_NB]]) {
+    assert!(rows <= Q8_MAX_ROWS && kp.is_multiple_of(Q8_KSTEP) && a.len() >= rows * kp && w.len() >= kp * Q8_NB && acc.len() >= rows);
+    for (r, out) in acc.iter_mut().enumerate().take(rows) {
+        let mut s = [0i32; Q8_NB];
+        for (ag, wg) in a[r * kp..(r + 1) * kp].chunks_exact(4).zip(w.chunks_exact(4 * Q8_NB)) {
+            for (j, wj) in wg.chunks_exact(4).enumerate() {
+                s[j] += ag[0] as i32 * wj[0] as i32 + ag[1] as i32 * wj[1] as i32 + ag[2] as i32 * wj[2] as i32 + ag[3] as i32 * wj[3] as i32;
             }
         }
         *out = s;

@@ -26,7 +26,11 @@ fn the_chosen_table_is_the_best_usable_one_and_portable_always_runs() {
     assert_eq!(ok.first().map(|k| k.name), Some(kernels().name));
     assert!(ok.iter().any(|k| k.name == "portable"));
     #[cfg(target_arch = "aarch64")]
-    assert_eq!(kernels().name, "aarch64 neon", "every aarch64 CPU has NEON");
+    {
+        // every aarch64 CPU has NEON; the dot product table where the CPU reports it
+        let want = if std::arch::is_aarch64_feature_detected!("dotprod") { "aarch64 neon+dotprod" } else { "aarch64 neon" };
+        assert_eq!(kernels().name, want);
+    }
     for k in &ok {
         assert!(k.f32_rows >= 1);
     }
@@ -111,6 +115,34 @@ fn w8_block_matches_f64_for_every_row_count() {
                         let terms = (0..k).map(|kk| a[r * k + kk] as f64 * w[kk * W8_NB + j] as f64);
                         let (want, mag) = (terms.clone().sum::<f64>(), terms.map(f64::abs).sum::<f64>());
                         assert!(within_sum_bound(acc[r][j], want, mag, k), "{}: rows {rows} k {k} at ({r}, {j}): {} vs {want}", kern.name, acc[r][j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_block_is_the_exact_integer_product_for_every_row_count() {
+    for kern in usable() {
+        for rows in 1..=Q8_MAX_ROWS {
+            for kp in [16usize, 32, 48, 528] {
+                // the full int8 range on both sides, the extremes included
+                let a: Vec<i8> = (0..rows * kp)
+                    .map(|i| match i % 7 {
+                        0 => -128,
+                        1 => 127,
+                        _ => ((i * 37 % 256) as i32 - 128) as i8,
+                    })
+                    .collect();
+                let w: Vec<i8> = (0..kp * Q8_NB).map(|i| if i % 5 == 0 { -128 } else { ((i * 53 % 256) as i32 - 128) as i8 }).collect();
+                let mut acc = vec![[i32::MIN; Q8_NB]; rows];
+                (kern.q8_block)(&a, rows, kp, &w, &mut acc);
+                for r in 0..rows {
+                    for j in 0..Q8_NB {
+                        // byte (g·16 + j)·4 + t is w[4g + t, j]
+                        let want: i64 = (0..kp).map(|kk| a[r * kp + kk] as i64 * w[(kk / 4 * Q8_NB + j) * 4 + kk % 4] as i64).sum();
+                        assert_eq!(acc[r][j] as i64, want, "{}: rows {rows} kp {kp} at ({r}, {j})", kern.name);
                     }
                 }
             }

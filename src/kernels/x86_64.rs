@@ -6,7 +6,7 @@
 //! Each table constructor checks the features its kernels need; a table is only ever built on
 //! a CPU that has them, which is what makes the safe wrappers below sound.
 
-use super::{portable, Kernels, Mat, Scratch, W8_NB};
+use super::{portable, Kernels, Mat, Scratch, Q8_NB, W8_NB};
 
 /// AVX-512F (with AVX2 and FMA, which every AVX-512 CPU has): our f32 products and attention
 /// beat tract's kernels here (BENCHMARKS.md, "Image path"), so the f32 rewrites are made.
@@ -22,6 +22,7 @@ pub(crate) fn avx512() -> Result<Kernels, String> {
         f32_rows: 12,
         attention: attention_avx512,
         w8_block: w8_block_avx512,
+        q8_block: q8_block_avx2,
         layer_norm: layer_norm_avx512,
         quantize_i8: quantize_i8_avx2,
         fuse_f32: true,
@@ -42,6 +43,7 @@ pub(crate) fn avx2() -> Result<Kernels, String> {
         f32_rows: portable::table().f32_rows,
         attention: portable::attention_slice,
         w8_block: w8_block_avx2,
+        q8_block: q8_block_avx2,
         layer_norm: layer_norm_avx2,
         quantize_i8: quantize_i8_avx2,
         fuse_f32: false,
@@ -100,6 +102,17 @@ fn w8_block_avx2(a: &[f32], rows: usize, k: usize, w: &[i8], acc: &mut [[f32; W8
             _ => w8::kernel::<6, 1>(a, k, w, o),
         }
     }
+}
+
+/// The portable int8 x int8 block compiled with AVX2 (the compiler widens to 16 bits and uses
+/// `vpmaddwd`); the B/32 decoder's int8 design on x86 stays the f32-activation one (`w8_block`).
+fn q8_block_avx2(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32; Q8_NB]]) {
+    #[target_feature(enable = "avx2")]
+    unsafe fn build(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32; Q8_NB]]) {
+        portable::q8_block(a, rows, kp, w, acc)
+    }
+    // SAFETY: only in tables built where the CPU has AVX2
+    unsafe { build(a, rows, kp, w, acc) }
 }
 
 fn layer_norm_avx512(x: &[f32], y: &mut [f32], n: usize, inner: usize, scale: &[f32], bias: &[f32], eps: f32) {

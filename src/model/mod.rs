@@ -21,6 +21,7 @@ mod attn;
 mod f32mm;
 mod ops;
 mod product;
+mod q8;
 #[cfg(test)]
 mod test_proto;
 mod w8;
@@ -71,6 +72,13 @@ fn load_onnx_with(path: &Path, rewrites: Rewrites) -> TractResult<InferenceModel
         let fused = w8::fuse_weight_dequant(&mut proto);
         if fused.products > 0 {
             log::debug!("{}: {} products with int8 weights", path.display(), fused.products);
+        }
+        fused
+    });
+    let _fused_q8 = rewrites.ours.then(|| {
+        let fused = q8::fuse_dynamic_quant(&mut proto);
+        if fused.products > 0 {
+            log::debug!("{}: {} products with int8 weights and run-time int8 activations", path.display(), fused.products);
         }
         fused
     });

@@ -42,6 +42,7 @@ pub fn register(onnx: &mut tract_onnx::Onnx) {
         onnx.op_register.insert("LayerNormalization", layer_normalization);
     }
     onnx.op_register.insert(super::w8::FUSED_OP, super::w8::parse);
+    onnx.op_register.insert(super::q8::FUSED_OP, super::q8::parse);
     onnx.op_register.insert(super::f32mm::FUSED_OP, super::f32mm::parse);
     onnx.op_register.insert(super::f32mm::PATCH_OP, super::f32mm::parse_patches);
     onnx.op_register.insert(super::attn::FUSED_OP, super::attn::parse);

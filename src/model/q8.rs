@@ -1,0 +1,419 @@
+//! Products with int8 weights and activations quantised at run time (`models/export/quantize.py`,
+//! design "dyn-q8"), for the decoder step on CPUs with an 8-bit dot product. The graphs stay
+//! standard ONNX, onnxruntime's own dynamic-quantisation form:
+//!
+//! ```text
+//! x -> DynamicQuantizeLinear -> (q u8, s_x, z_x)
+//!   -> MatMulInteger(q, W8, z_x) -> Cast(f32) -> Mul(s_x) -> Mul(s_w [n]) -> y
+//! ```
+//!
+//! Before parsing, [`fuse_dynamic_quant`] rewrites each such chain in the protobuf into one
+//! `CocaMatMulQ8(x)` node, which the `MatMulQ8` op ([`WeightProduct`] of [`PackedQ8`]) runs:
+//! the activation tensor quantised once per call exactly as the operator defines it (range over
+//! the whole tensor and 0, `round_half_even(x / s_x) + z_x` saturated to u8), the weights kept in
+//! int8 in column blocks of 16 with four k per 32-bit lane, the integer product exact in i32
+//! (`sdot` where the CPU has it, `kernels::Kernels::q8_block`), then the two scales applied
+//! in the graph's order. Every step is exact or one correctly rounded f32 operation in the
+//! graph's order, so the result is onnxruntime's to the rounding of its f32 operations, on every
+//! ISA alike.
+//!
+//! The u8 activation is stored shifted to i8 (`q - 128`) for a signed dot product; the shift
+//! and the zero point come back as `(128 - z_x) · Σ_k W[k, j]`, with the column sums computed
+//! at pack time.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::{self, ModelProto, NodeProto};
+use tract_onnx::tract_hir::internal::*;
+
+use super::product::{WeightProduct, Weights};
+use super::w8::{count_reads, names_read};
+use crate::kernels::{self, parallel, SendPtr, Q8_KSTEP, Q8_MAX_ROWS, Q8_NB};
+
+/// The op name our rewrite gives fused nodes (never in a graph on disk).
+pub const FUSED_OP: &str = "CocaMatMulQ8";
+
+const ONNX_FLOAT: i32 = 1;
+const ONNX_INT8: i32 = 3;
+
+thread_local! {
+    /// Packed weights of the fused nodes of the graph this thread is parsing (see [`Fused`]).
+    static PACKED: std::cell::RefCell<HashMap<String, Arc<PackedQ8>>> = Default::default();
+}
+
+/// What [`fuse_dynamic_quant`] did; the packed weights stay available to [`parse`] on this
+/// thread while the value lives.
+pub struct Fused {
+    /// Products fused.
+    pub products: usize,
+}
+
+impl Drop for Fused {
+    fn drop(&mut self) {
+        PACKED.with_borrow_mut(|t| t.clear());
+    }
+}
+
+fn standard(n: &NodeProto, op: &str) -> bool {
+    n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx")
+}
+
+fn inline(t: &pb::TensorProto) -> bool {
+    t.data_location != Some(1) && t.external_data.is_empty()
+}
+
+fn floats(t: &pb::TensorProto) -> Vec<f32> {
+    if !t.raw_data.is_empty() {
+        t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    } else {
+        t.float_data.clone()
+    }
+}
+
+/// The int8 weights `[k, n]` of a MatMulInteger and its per-column (or single) f32 scale.
+fn decode(w: &pb::TensorProto, s: &pb::TensorProto) -> Option<PackedQ8> {
+    if w.data_type != ONNX_INT8 || w.dims.len() != 2 || s.data_type != ONNX_FLOAT || !inline(w) || !inline(s) {
+        return None;
+    }
+    let (k, n) = (usize::try_from(w.dims[0]).ok()?, usize::try_from(w.dims[1]).ok()?);
+    let widened: Vec<i8>;
+    let values: &[i8] = if !w.raw_data.is_empty() {
+        // SAFETY: u8 and i8 have the same size and alignment
+        unsafe { std::slice::from_raw_parts(w.raw_data.as_ptr() as *const i8, w.raw_data.len()) }
+    } else {
+        widened = w.int32_data.iter().map(|&v| v as i8).collect();
+        &widened
+    };
+    let scale = floats(s);
+    let numel: i64 = s.dims.iter().product();
+    let shape_ok = numel == 1 || s.dims.len() == 1 && s.dims[0] == w.dims[1];
+    let ok = k > 0 && k.checked_mul(n) == Some(values.len()) && shape_ok && (scale.len() == 1 || scale.len() == n) && scale.iter().all(|v| v.is_finite());
+    ok.then(|| PackedQ8::new(values, k, n, &scale))
+}
+
+/// Rewrite every `DynamicQuantizeLinear(x) -> MatMulInteger(q, W, z) -> Cast(float) -> Mul(s_x)
+/// -> Mul(s_w)` chain whose W is a 2-D inline int8 initializer with no (or a zero) zero point and
+/// s_w a per-column or per-tensor f32 initializer, each intermediate read by the next node only,
+/// into one `CocaMatMulQ8(x)` node. The weights are packed here; the chain's nodes, and the
+/// DynamicQuantizeLinear once no product reads it, leave the protobuf. Only the top-level graph
+/// is rewritten; the returned [`Fused`] must live until the protobuf is parsed, on this thread.
+pub fn fuse_dynamic_quant(proto: &mut ModelProto) -> Fused {
+    let Some(graph) = proto.graph.as_mut() else { return Fused { products: 0 } };
+    let mut reads: HashMap<String, usize> = HashMap::new();
+    count_reads(graph, &mut reads);
+    for o in graph.output.iter() {
+        *reads.entry(o.name.clone()).or_default() += 1;
+    }
+    let read_once = |name: &str| reads.get(name) == Some(&1);
+    // the node that reads each name (where a single one does)
+    let mut reader: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for x in n.input.iter().filter(|x| !x.is_empty()) {
+            reader.insert(x.as_str(), i);
+        }
+    }
+    let producer: HashMap<&str, (usize, usize)> =
+        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().enumerate().map(move |(o, name)| (name.as_str(), (i, o)))).collect();
+    let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let zero_i8 = |name: Option<&String>| match name.filter(|z| !z.is_empty()) {
+        None => true,
+        Some(z) => inits
+            .get(z.as_str())
+            .is_some_and(|z| z.data_type == ONNX_INT8 && inline(z) && z.raw_data.iter().all(|&b| b == 0) && z.int32_data.iter().all(|&v| v == 0)),
+    };
+    // (MatMulInteger, Cast, Mul by s_x, Mul by s_w, weight name, scale name, x)
+    let mut plans: Vec<([usize; 4], String, String, String)> = Vec::new();
+    for (mi, n) in graph.node.iter().enumerate() {
+        if !standard(n, "MatMulInteger") || n.input.len() < 3 || n.output.len() != 1 || !zero_i8(n.input.get(3)) {
+            continue;
+        }
+        let (Some(&(d, 0)), Some(&(d2, 2))) = (producer.get(n.input[0].as_str()), producer.get(n.input[2].as_str())) else { continue };
+        let dq = &graph.node[d];
+        if d != d2 || !standard(dq, "DynamicQuantizeLinear") || dq.output.len() != 3 || dq.input.len() != 1 {
+            continue;
+        }
+        if !inits.get(n.input[1].as_str()).is_some_and(|w| w.data_type == ONNX_INT8 && w.dims.len() == 2) {
+            continue;
+        }
+        // MatMulInteger -> Cast(float) -> Mul(s_x) -> Mul(s_w)
+        let next = |name: &str| read_once(name).then(|| reader.get(name).copied()).flatten();
+        let Some(ci) = next(&n.output[0]) else { continue };
+        let cast = &graph.node[ci];
+        if !standard(cast, "Cast") || cast.output.len() != 1 || !cast.attribute.iter().any(|a| a.name == "to" && a.i == i64::from(ONNX_FLOAT)) {
+            continue;
+        }
+        let Some(xi) = next(&cast.output[0]) else { continue };
+        let mx = &graph.node[xi];
+        let other = |m: &NodeProto, mine: &str| -> Option<String> {
+            (standard(m, "Mul") && m.input.len() == 2 && m.output.len() == 1).then(|| if m.input[0] == mine { m.input[1].clone() } else { m.input[0].clone() })
+        };
+        if other(mx, &cast.output[0]).as_deref() != Some(dq.output[1].as_str()) {
+            continue;
+        }
+        let Some(wi) = next(&mx.output[0]) else { continue };
+        let Some(scale) = other(&graph.node[wi], &mx.output[0]) else { continue };
+        if !inits.contains_key(scale.as_str()) {
+            continue;
+        }
+        plans.push(([mi, ci, xi, wi], n.input[1].clone(), scale, dq.input[0].clone()));
+    }
+    drop((reader, producer, inits));
+    let mut packed: HashMap<String, Arc<PackedQ8>> = HashMap::new();
+    let mut gone: HashSet<usize> = HashSet::new();
+    let mut used: HashSet<String> = HashSet::new();
+    let position: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    for ([mi, ci, xi, wi], w, scale, x) in plans {
+        let (Some(&w_at), Some(&s_at)) = (position.get(&w), position.get(&scale)) else { continue };
+        let Some(p) = decode(&graph.initializer[w_at], &graph.initializer[s_at]) else { continue };
+        let key = graph.node[wi].output[0].clone();
+        packed.insert(key.clone(), Arc::new(p));
+        gone.extend([mi, ci, xi]);
+        used.extend([w, scale]);
+        let m = &mut graph.node[wi];
+        m.op_type = FUSED_OP.to_string();
+        m.domain = String::new();
+        m.input = vec![x];
+        m.attribute = vec![pb::AttributeProto { name: "weights".into(), r#type: 3, s: key.into_bytes(), ..Default::default() }];
+    }
+    if packed.is_empty() {
+        return Fused { products: 0 };
+    }
+    let fused = packed.len();
+    let mut i = 0;
+    graph.node.retain(|_| {
+        i += 1;
+        !gone.contains(&(i - 1))
+    });
+    // the DynamicQuantizeLinear nodes whose outputs nothing reads any more, then the
+    // initializers nothing reads any more among those the chains used
+    let mut read = HashSet::new();
+    names_read(graph, &mut read);
+    read.extend(graph.output.iter().map(|o| o.name.clone()));
+    graph.node.retain(|n| !(standard(n, "DynamicQuantizeLinear") && n.output.iter().all(|o| !read.contains(o))));
+    let mut read = HashSet::new();
+    names_read(graph, &mut read);
+    read.extend(graph.output.iter().chain(graph.input.iter()).map(|o| o.name.clone()));
+    graph.initializer.retain(|t| read.contains(&t.name) || !used.contains(&t.name));
+    PACKED.with_borrow_mut(|t| *t = packed);
+    Fused { products: fused }
+}
+
+pub fn parse(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let key = node.attribute.iter().find(|a| a.name == "weights").map(|a| String::from_utf8_lossy(&a.s).into_owned());
+    let w = key
+        .and_then(|k| PACKED.with_borrow(|t| t.get(&k).cloned()))
+        .with_context(|| format!("{FUSED_OP} node '{}' without its weights (made by coca-edge's loader only)", node.name))?;
+    ensure!(node.input.len() == 1, "{FUSED_OP} takes one input");
+    Ok((expand(WeightProduct { w }), vec![]))
+}
+
+/// int8 weights `[k, n]` packed for [`kernels::Q8Block`]: column blocks of [`Q8_NB`], each
+/// `kp` (k rounded up to [`Q8_KSTEP`], zeros past k) x 16 bytes in groups of four k, with each
+/// column's sum and scale.
+#[derive(Debug)]
+pub struct PackedQ8 {
+    k: usize,
+    n: usize,
+    kp: usize,
+    data: Vec<i8>,
+    colsum: Vec<i32>,
+    scale: Vec<f32>,
+}
+
+impl PackedQ8 {
+    /// Pack row-major `w` (`k` x `n`) with one scale per column (or one for all).
+    pub fn new(w: &[i8], k: usize, n: usize, scale: &[f32]) -> PackedQ8 {
+        assert_eq!(w.len(), k * n);
+        let kp = k.div_ceil(Q8_KSTEP) * Q8_KSTEP;
+        let blocks = n.div_ceil(Q8_NB);
+        let mut data = vec![0i8; blocks * kp * Q8_NB];
+        let mut colsum = vec![0i32; blocks * Q8_NB];
+        for kk in 0..k {
+            for j in 0..n {
+                let v = w[kk * n + j];
+                let (jb, c) = (j / Q8_NB, j % Q8_NB);
+                data[jb * kp * Q8_NB + (kk / 4 * Q8_NB + c) * 4 + kk % 4] = v;
+                colsum[j] += i32::from(v);
+            }
+        }
+        let mut sc = vec![0f32; blocks * Q8_NB];
+        if scale.len() == 1 {
+            sc[..n].fill(scale[0]);
+        } else {
+            sc[..n].copy_from_slice(scale);
+        }
+        PackedQ8 { k, n, kp, data, colsum, scale: sc }
+    }
+
+    /// `out` (`m` x n) = DynamicQuantizeLinear(`a`) (over all `m` x k values) times the weights,
+    /// scaled as the graph scales it; column blocks are split over `pool`'s threads when there
+    /// is enough work. A non-finite activation makes every output NaN (the graph's range would
+    /// be infinite or NaN).
+    pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+        let (k, kp, n) = (self.k, self.kp, self.n);
+        assert_eq!(a.len(), m * k);
+        assert_eq!(out.len(), m * n);
+        let Some(q) = DynQuant::of(a) else {
+            out.fill(f32::NAN);
+            return;
+        };
+        let mut qa = vec![0i8; m * kp];
+        for (row, dst) in a.chunks_exact(k.max(1)).zip(qa.chunks_exact_mut(kp)) {
+            for (&x, d) in row.iter().zip(dst.iter_mut()) {
+                *d = (q.quantize(x) - 128) as i8;
+            }
+        }
+        let corr = 128 - q.zero_point;
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        parallel::run_shares(pool, n.div_ceil(Q8_NB), m * k * n >= PARALLEL_MACS, |range| {
+            // SAFETY: out has m x n values; each share writes the columns of its own blocks only
+            unsafe { self.blocks(&qa, m, corr, q.scale, range, out_ptr.get()) }
+        });
+    }
+
+    /// Column blocks `range` of every row. SAFETY: `out` points to m x n writable values and no
+    /// other thread writes these blocks' columns.
+    unsafe fn blocks(&self, qa: &[i8], m: usize, corr: i32, x_scale: f32, range: std::ops::Range<usize>, out: *mut f32) {
+        let (kp, n) = (self.kp, self.n);
+        let kernel = kernels::kernels().q8_block;
+        let mut acc = [[0i32; Q8_NB]; Q8_MAX_ROWS];
+        for jb in range {
+            let w = &self.data[jb * kp * Q8_NB..(jb + 1) * kp * Q8_NB];
+            let cols = Q8_NB.min(n - jb * Q8_NB);
+            let (scale, colsum) = (&self.scale[jb * Q8_NB..(jb + 1) * Q8_NB], &self.colsum[jb * Q8_NB..(jb + 1) * Q8_NB]);
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = Q8_MAX_ROWS.min(m - r0);
+                kernel(&qa[r0 * kp..(r0 + rows) * kp], rows, kp, w, &mut acc[..rows]);
+                for (r, acc) in acc[..rows].iter().enumerate() {
+                    let o = out.add((r0 + r) * n + jb * Q8_NB);
+                    for j in 0..cols {
+                        // MatMulInteger's exact sum, then Cast, Mul(s_x), Mul(s_w) in order
+                        let exact = acc[j].wrapping_add(corr.wrapping_mul(colsum[j]));
+                        *o.add(j) = (exact as f32 * x_scale) * scale[j];
+                    }
+                }
+                r0 += rows;
+            }
+        }
+    }
+}
+
+/// DynamicQuantizeLinear's parameters of one tensor (ONNX opset 11; onnxruntime computes them
+/// the same way): range over the values and 0, scale = range / 255 (1 for an all-zero tensor),
+/// zero point = round_half_even(clamp(-min / scale, 0, 255)).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct DynQuant {
+    pub scale: f32,
+    pub zero_point: i32,
+}
+
+impl DynQuant {
+    /// None when a value is not finite.
+    pub fn of(xs: &[f32]) -> Option<DynQuant> {
+        let (mut lo, mut hi) = (0f32, 0f32);
+        for &x in xs {
+            if !x.is_finite() {
+                return None;
+            }
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        let scale = if hi == lo { 1.0 } else { (hi - lo) / 255.0 };
+        let zero_point = (-lo / scale).clamp(0.0, 255.0).round_ties_even() as i32;
+        Some(DynQuant { scale, zero_point })
+    }
+
+    /// `saturate_u8(round_half_even(x / scale) + zero_point)`.
+    #[inline]
+    pub fn quantize(&self, x: f32) -> i32 {
+        ((x / self.scale).round_ties_even() as i32 + self.zero_point).clamp(0, 255)
+    }
+}
+
+/// Multiply-accumulates from which a product is split over the executor's threads.
+const PARALLEL_MACS: usize = 1 << 23;
+
+impl Weights for PackedQ8 {
+    const OP: &'static str = "MatMulQ8";
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn describe(&self) -> String {
+        format!("int8 weights {}x{}, run-time int8 activations", self.k, self.n)
+    }
+    fn matmul(&self, a: &[f32], m: usize, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+        PackedQ8::matmul(self, a, m, out, pool)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ONNX chain in f64 from the operator definitions: DynamicQuantizeLinear, then the
+    /// integer product, then the scales.
+    fn reference(a: &[f32], m: usize, k: usize, w: &[i8], n: usize, scale: &[f32]) -> Vec<f32> {
+        let q = DynQuant::of(a).unwrap();
+        let mut out = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let s: i64 = (0..k).map(|kk| (q.quantize(a[r * k + kk]) - q.zero_point) as i64 * w[kk * n + j] as i64).sum();
+                let sw = if scale.len() == 1 { scale[0] } else { scale[j] };
+                out[r * n + j] = (s as f32 * q.scale) * sw;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dynamic_quantization_follows_the_operator() {
+        // all zeros: scale 1, zero point 0
+        assert_eq!(DynQuant::of(&[0.0, 0.0]), Some(DynQuant { scale: 1.0, zero_point: 0 }));
+        // positive only: min is 0, zero point 0, max maps to 255
+        let q = DynQuant::of(&[0.5, 2.55]).unwrap();
+        assert_eq!(q.zero_point, 0);
+        assert_eq!(q.quantize(2.55), 255);
+        // negative only: zero point 255
+        let q = DynQuant::of(&[-1.0, -3.0]).unwrap();
+        assert_eq!(q.zero_point, 255);
+        assert_eq!(q.quantize(-3.0), 0);
+        // the ONNX reference implementation's example (opset 11 test data)
+        let q = DynQuant::of(&[0.0, 2.0, -3.0, -2.5, 1.34, 0.5]).unwrap();
+        assert_eq!((q.scale, q.zero_point), (0.019607844, 153));
+        let want = [153, 255, 0, 26, 221, 179];
+        for (x, w) in [0.0f32, 2.0, -3.0, -2.5, 1.34, 0.5].iter().zip(want) {
+            assert_eq!(q.quantize(*x), w, "{x}");
+        }
+        assert_eq!(DynQuant::of(&[1.0, f32::NAN]), None);
+        assert_eq!(DynQuant::of(&[f32::INFINITY]), None);
+    }
+
+    #[test]
+    fn matches_the_onnx_chain_for_every_row_count_and_odd_sizes() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(m, k, n) in &[(1, 1, 1), (1, 7, 5), (2, 33, 17), (3, 64, 48), (5, 13, 31), (6, 8, 16), (7, 130, 40), (13, 9, 3), (1, 512, 600), (2, 512, 8200)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 40.0) / 25.0).collect();
+            // -128 included: the kernels' products must hold the full int8 range
+            let w: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 256) as i32 - 128) as i8).collect();
+            for scale in [vec![0.01f32], (0..n).map(|j| 0.001 + j as f32 * 1e-4).collect()] {
+                let p = PackedQ8::new(&w, k, n, &scale);
+                let want = reference(&a, m, k, &w, n, &scale);
+                for pool in [None, Some(&pool)] {
+                    let mut got = vec![f32::NAN; m * n];
+                    p.matmul(&a, m, &mut got, pool);
+                    assert_eq!(got, want, "m {m} k {k} n {n}");
+                }
+            }
+        }
+        let p = PackedQ8::new(&[1, 2], 1, 2, &[1.0]);
+        let mut got = [0f32; 2];
+        p.matmul(&[f32::NAN], 1, &mut got, None);
+        assert!(got.iter().all(|v| v.is_nan()), "a NaN activation poisons the product: {got:?}");
+    }
+}
