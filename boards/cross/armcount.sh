@@ -20,7 +20,7 @@
 # Regenerate baselines when tract, rustc, glibc, qemu or capstone change (and say so in the commit).
 #
 # Environment: ARMCOUNT_CACHE (default ~/.cache/coca-edge/armcount), COCA_BIN (default the
-# cross-built release binary), CPUS, GRAPHS (a subset, e.g. "image_encoder decoder_step:1"),
+# cross-built release binary), CPUS, PRECISIONS, GRAPHS (subsets, e.g. "image_encoder decoder_step:1"),
 # PAST (default 8), TOLERANCE (check: relative, default 0.02).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -113,7 +113,11 @@ sysroot() {
 }
 
 # precisions measured per CPU: f16 arithmetic only where the CPU has it
-precisions() { case $1 in cortex-a76) echo "f32 int8 f16" ;; *) echo "f32 int8" ;; esac; }
+# (PRECISIONS: a subset, e.g. "int8")
+precisions() {
+    local all; case $1 in cortex-a76) all="f32 int8 f16" ;; *) all="f32 int8" ;; esac
+    local p; for p in $all; do [[ " ${PRECISIONS:-$all} " == *" $p "* ]] && echo "$p"; done
+}
 
 matrix() {
     local model=$1 out=$2

@@ -261,9 +261,7 @@ impl PackedQ8 {
         };
         let mut qa = vec![0i8; m * kp];
         for (row, dst) in a.chunks_exact(k.max(1)).zip(qa.chunks_exact_mut(kp)) {
-            for (&x, d) in row.iter().zip(dst.iter_mut()) {
-                *d = (q.quantize(x) - 128) as i8;
-            }
+            q.quantize_shifted(row, dst);
         }
         let corr = 128 - q.zero_point;
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -288,12 +286,14 @@ impl PackedQ8 {
                 let rows = Q8_MAX_ROWS.min(m - r0);
                 kernel(&qa[r0 * kp..(r0 + rows) * kp], rows, kp, w, &mut acc[..rows]);
                 for (r, acc) in acc[..rows].iter().enumerate() {
-                    let o = out.add((r0 + r) * n + jb * Q8_NB);
-                    for j in 0..cols {
-                        // MatMulInteger's exact sum, then Cast, Mul(s_x), Mul(s_w) in order
+                    // MatMulInteger's exact sum, then Cast, Mul(s_x), Mul(s_w) in order (all
+                    // 16 lanes, so the compiler vectorises it; the columns past n are dropped)
+                    let mut y = [0f32; Q8_NB];
+                    for j in 0..Q8_NB {
                         let exact = acc[j].wrapping_add(corr.wrapping_mul(colsum[j]));
-                        *o.add(j) = (exact as f32 * x_scale) * scale[j];
+                        y[j] = (exact as f32 * x_scale) * scale[j];
                     }
+                    std::ptr::copy_nonoverlapping(y.as_ptr(), out.add((r0 + r) * n + jb * Q8_NB), cols);
                 }
                 r0 += rows;
             }
@@ -313,23 +313,46 @@ pub(crate) struct DynQuant {
 impl DynQuant {
     /// None when a value is not finite.
     pub fn of(xs: &[f32]) -> Option<DynQuant> {
-        let (mut lo, mut hi) = (0f32, 0f32);
-        for &x in xs {
-            if !x.is_finite() {
-                return None;
+        // in 8 lanes without a branch per value (the compiler vectorises it); `x - x` is NaN
+        // exactly where x is infinite or NaN, and a NaN anywhere makes the sum NaN
+        let (mut lo, mut hi, mut bad) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        let mut chunks = xs.chunks_exact(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                lo[i] = lo[i].min(c[i]);
+                hi[i] = hi[i].max(c[i]);
+                bad[i] += c[i] - c[i];
             }
-            lo = lo.min(x);
-            hi = hi.max(x);
         }
+        for (i, &x) in chunks.remainder().iter().enumerate() {
+            lo[i] = lo[i].min(x);
+            hi[i] = hi[i].max(x);
+            bad[i] += x - x;
+        }
+        if bad.iter().sum::<f32>().is_nan() {
+            return None;
+        }
+        let lo = lo.iter().fold(0f32, |m, &v| m.min(v));
+        let hi = hi.iter().fold(0f32, |m, &v| m.max(v));
         let scale = if hi == lo { 1.0 } else { (hi - lo) / 255.0 };
         let zero_point = (-lo / scale).clamp(0.0, 255.0).round_ties_even() as i32;
         Some(DynQuant { scale, zero_point })
     }
 
-    /// `saturate_u8(round_half_even(x / scale) + zero_point)`.
-    #[inline]
+    /// `saturate_u8(round_half_even(x / scale) + zero_point)`, the operator's definition.
+    #[cfg(test)]
     pub fn quantize(&self, x: f32) -> i32 {
         ((x / self.scale).round_ties_even() as i32 + self.zero_point).clamp(0, 255)
+    }
+
+    /// [`DynQuant::quantize`] of each value, shifted to i8 (`q - 128`), in a loop the compiler
+    /// vectorises (clamped in f32 first: the bounds are integers, so the result is the same).
+    pub fn quantize_shifted(&self, xs: &[f32], out: &mut [i8]) {
+        let (lo, hi) = (-(self.zero_point as f32), 255.0 - self.zero_point as f32);
+        let shift = self.zero_point - 128;
+        for (&x, o) in xs.iter().zip(out.iter_mut()) {
+            *o = ((x / self.scale).clamp(lo, hi).round_ties_even() as i32 + shift) as i8;
+        }
     }
 }
 
@@ -390,7 +413,17 @@ mod tests {
         for (x, w) in [0.0f32, 2.0, -3.0, -2.5, 1.34, 0.5].iter().zip(want) {
             assert_eq!(q.quantize(*x), w, "{x}");
         }
+        // the vectorised form is the definition, minus 128, at every value and past both ends
+        for q in [DynQuant::of(&[-3.0, 2.0]).unwrap(), DynQuant::of(&[0.5, 2.55]).unwrap(), DynQuant::of(&[-1.0, -3.0]).unwrap()] {
+            let xs: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.001 + 0.0004).chain((-400..400).map(|i| i as f32 * q.scale * 0.5)).collect();
+            let mut got = vec![0i8; xs.len()];
+            q.quantize_shifted(&xs, &mut got);
+            for (&x, &g) in xs.iter().zip(&got) {
+                assert_eq!(g as i32, q.quantize(x) - 128, "{x} with {q:?}");
+            }
+        }
         assert_eq!(DynQuant::of(&[1.0, f32::NAN]), None);
+        assert_eq!(DynQuant::of(&[1.0; 20].iter().copied().chain([f32::NEG_INFINITY]).collect::<Vec<_>>()), None);
         assert_eq!(DynQuant::of(&[f32::INFINITY]), None);
     }
 
