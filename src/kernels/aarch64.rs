@@ -39,6 +39,7 @@ pub(crate) fn neon() -> Result<Kernels, String> {
         layer_norm: portable::layer_norm,
         quantize_i8: portable::quantize_i8,
         fuse_f32: false,
+        fuse_q8_static: true,
     })
 }
 

@@ -116,11 +116,19 @@ pub(crate) struct Kernels {
     /// the f32 products and attention of this table were measured faster than tract's own
     /// kernels on this ISA, so the model's f32 rewrites are made (elsewhere tract runs them)
     pub fuse_f32: bool,
+    /// this table's `q8_block` was counted executing fewer instructions than tract's int8
+    /// kernels on statically quantised products (sym-mmi), so those run through it too
+    pub fuse_q8_static: bool,
 }
 
 impl std::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kernels").field("name", &self.name).field("f32_rows", &self.f32_rows).field("fuse_f32", &self.fuse_f32).finish()
+        f.debug_struct("Kernels")
+            .field("name", &self.name)
+            .field("f32_rows", &self.f32_rows)
+            .field("fuse_f32", &self.fuse_f32)
+            .field("fuse_q8_static", &self.fuse_q8_static)
+            .finish()
     }
 }
 

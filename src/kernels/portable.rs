@@ -7,7 +7,18 @@ use super::{Kernels, Mat, Scratch, F32_NB, Q8_KSTEP, Q8_MAX_ROWS, Q8_NB, W8_MAX_
 /// The portable table (every CPU runs it). Its f32 products are correct but not fast: the model
 /// leaves f32 products to tract where this is all there is.
 pub(crate) fn table() -> Kernels {
-    Kernels { name: "portable", f32_block, f32_rows: 4, attention: attention_slice, w8_block, q8_block, layer_norm, quantize_i8, fuse_f32: false }
+    Kernels {
+        name: "portable",
+        f32_block,
+        f32_rows: 4,
+        attention: attention_slice,
+        w8_block,
+        q8_block,
+        layer_norm,
+        quantize_i8,
+        fuse_f32: false,
+        fuse_q8_static: false,
+    }
 }
 
 /// [`super::F32Block`] with plain loops (separate multiply and add: `mul_add` is a library call

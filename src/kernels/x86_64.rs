@@ -26,6 +26,8 @@ pub(crate) fn avx512() -> Result<Kernels, String> {
         layer_norm: layer_norm_avx512,
         quantize_i8: quantize_i8_avx2,
         fuse_f32: true,
+        // no VNNI kernel yet: tract's AVX-512 / AVX2 int8 kernels are faster than q8_block here
+        fuse_q8_static: false,
     })
 }
 
@@ -47,6 +49,7 @@ pub(crate) fn avx2() -> Result<Kernels, String> {
         layer_norm: layer_norm_avx2,
         quantize_i8: quantize_i8_avx2,
         fuse_f32: false,
+        fuse_q8_static: false,
     })
 }
 

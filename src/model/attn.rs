@@ -756,7 +756,10 @@ mod tests {
             tract_ndarray::Array4::from_shape_vec((b as usize, h as usize, l as usize, d as usize), v).unwrap().into_tensor().into()
         };
         let run = |ours: bool| -> Vec<Vec<f32>> {
-            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours }).unwrap().into_typed().unwrap();
+            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours, int8_products: false })
+                .unwrap()
+                .into_typed()
+                .unwrap();
             assert_eq!(typed.nodes().iter().filter(|n| n.op.name() == "Attention").count(), usize::from(ours));
             let optimized = super::super::optimize(typed, true).unwrap();
             // the scales and k's transpose are read through the op's views
@@ -826,7 +829,10 @@ mod tests {
         let (_dir, path) = write_model(&model);
         let x: Vec<f32> = data((l * 3 * w) as usize, 5);
         let run = |ours: bool| -> (Vec<f32>, Vec<String>) {
-            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours }).unwrap().into_typed().unwrap();
+            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours, int8_products: false })
+                .unwrap()
+                .into_typed()
+                .unwrap();
             let optimized = super::super::optimize(typed, true).unwrap();
             let ops = optimized.nodes().iter().map(|n| n.op.name().to_string()).collect();
             let plan = optimized.into_runnable().unwrap();

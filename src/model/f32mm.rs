@@ -833,7 +833,10 @@ mod tests {
         let x = tract_ndarray::Array2::from_shape_vec((m, k), vals(m * k, 7)).unwrap();
         let r = tract_ndarray::Array2::from_shape_vec((m, n), vals(m * n, 8)).unwrap();
         let run = |ours: bool| -> Vec<Vec<f32>> {
-            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours }).unwrap().into_typed().unwrap();
+            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours, int8_products: false })
+                .unwrap()
+                .into_typed()
+                .unwrap();
             let named = typed.nodes().iter().filter(|n| n.op.name() == "MatMulF32").count();
             assert_eq!(named, if ours { 5 } else { 0 });
             let optimized = super::super::optimize(typed, true).unwrap();
@@ -885,7 +888,10 @@ mod tests {
         let (_dir, path) = write_model(&model);
         let x = tract_ndarray::Array4::from_shape_vec((b as usize, c as usize, h as usize, w as usize), vals((b * c * h * w) as usize, 7)).unwrap();
         let run = |ours: bool| -> Vec<Vec<f32>> {
-            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours }).unwrap().into_typed().unwrap();
+            let typed = super::super::load_onnx_with(&path, super::super::Rewrites { ours: true, f32_products: ours, int8_products: false })
+                .unwrap()
+                .into_typed()
+                .unwrap();
             assert_eq!(typed.nodes().iter().filter(|n| n.op.name() == "PatchEmbed").count(), if ours { 2 } else { 0 });
             let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
             let out = plan.run(tvec!(x.clone().into_tensor().into())).unwrap();

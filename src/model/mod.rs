@@ -36,13 +36,15 @@ pub(crate) struct Rewrites {
     pub ours: bool,
     /// products by constant f32 weights and attention through our kernels ([`f32mm`], [`attn`])
     pub f32_products: bool,
+    /// statically quantised int8 products (sym-mmi) through our kernels ([`q8`])
+    pub int8_products: bool,
 }
 
 impl Rewrites {
     /// What `opts` asks for on this CPU.
     pub fn of(opts: &EngineOptions) -> Rewrites {
         let ours = !opts.tract_ops;
-        Rewrites { ours, f32_products: ours && f32mm::worth_fusing() }
+        Rewrites { ours, f32_products: ours && f32mm::worth_fusing(), int8_products: ours && !opts.tract_int8 && crate::kernels::kernels().fuse_q8_static }
     }
 }
 
@@ -76,9 +78,9 @@ fn load_onnx_with(path: &Path, rewrites: Rewrites) -> TractResult<InferenceModel
         fused
     });
     let _fused_q8 = rewrites.ours.then(|| {
-        let fused = q8::fuse_dynamic_quant(&mut proto);
+        let fused = q8::fuse_int8_products(&mut proto, rewrites.int8_products);
         if fused.products > 0 {
-            log::debug!("{}: {} products with int8 weights and run-time int8 activations", path.display(), fused.products);
+            log::debug!("{}: {} products with int8 weights and activations through our kernels", path.display(), fused.products);
         }
         fused
     });
@@ -147,7 +149,7 @@ impl OnnxGraph {
     /// graph's own declarations stand).
     pub fn load(path: &Path, inputs: Option<&[&[usize]]>, opts: &EngineOptions) -> Result<OnnxGraph> {
         let engine = |e: TractError| Error::Engine { what: path.display().to_string(), message: crate::error::one_line(&format!("{e:#}")) };
-        let mut model = load_onnx_with(path, Rewrites { ours: !opts.tract_ops, f32_products: false }).map_err(engine)?;
+        let mut model = load_onnx_with(path, Rewrites { ours: !opts.tract_ops, f32_products: false, int8_products: false }).map_err(engine)?;
         for (ix, shape) in inputs.unwrap_or(&[]).iter().enumerate() {
             model = model.with_input_fact(ix, f32::fact(*shape).into()).map_err(engine)?;
         }
@@ -394,16 +396,27 @@ pub struct EngineOptions {
     /// tract's own translation of every op, none of ours (for comparisons and diagnosis).
     /// The default comes from the environment: `COCA_TRACT_OPS=1`.
     pub tract_ops: bool,
+    /// tract's own int8 kernels for statically quantised products even where ours execute fewer
+    /// instructions (for comparisons: the ARM measure counts both from one binary). The default
+    /// comes from the environment: `COCA_TRACT_INT8=1`.
+    pub tract_int8: bool,
 }
 
-/// `COCA_TRACT_OPS` set to anything but empty or "0": the one place it is read.
-fn tract_ops_from_env() -> bool {
-    std::env::var_os("COCA_TRACT_OPS").is_some_and(|v| !v.is_empty() && v != "0")
+/// `name` set to anything but empty or "0": the one place the switches are read.
+fn switch_from_env(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { threads: 0, precision: "f32".into(), force_precision: false, precision_is_default: false, tract_ops: tract_ops_from_env() }
+        EngineOptions {
+            threads: 0,
+            precision: "f32".into(),
+            force_precision: false,
+            precision_is_default: false,
+            tract_ops: switch_from_env("COCA_TRACT_OPS"),
+            tract_int8: switch_from_env("COCA_TRACT_INT8"),
+        }
     }
 }
 
@@ -1057,7 +1070,7 @@ impl EngineOptions {
 
 #[cfg(test)]
 mod load_tests {
-    const OURS: super::Rewrites = super::Rewrites { ours: true, f32_products: false };
+    const OURS: super::Rewrites = super::Rewrites { ours: true, f32_products: false, int8_products: false };
     use super::test_proto::{model, node, tensor, value_info};
     use super::*;
     use prost::Message;

@@ -4,6 +4,7 @@
   table.py --model coca.json --past P REPORTS_DIR > OUT.tsv   per-run rows from report pairs
   table.py --markdown OUT.tsv                                 the same as a Markdown table
   table.py --compare BASELINE.tsv NOW.tsv --tolerance 0.02    exit 1 when a count moved
+  table.py --markdown OUT.tsv --estimate                      plus a board time estimate per row
 
 Report files are named CPU.PRECISION.GRAPH.BATCH.RUNS.txt; a row is (runs 3 - runs 1) / 2.
 Model multiply-adds come from the manifest's open_clip config (the formulas are below), so
@@ -156,12 +157,44 @@ def read_tsv(path):
         return list(csv.DictReader((l for l in f if not l.startswith("#")), delimiter="\t"))
 
 
-def markdown(path):
+# Board time ESTIMATES from counts (boards/README.md, "Time estimates"): a lower bound of one
+# core's cycles, max(instructions / front-end width, multiply-accumulate instructions / their
+# issue rate), at the board's clock. Figures as the Cortex-A72 and A76 software optimization
+# guides give them, read through LLVM's scheduling models (AArch64SchedA57.td, which LLVM uses
+# for the A72; AArch64SchedNeoverseN1.td, the A76's derivative): A72 3 instructions per cycle,
+# FMLA .4s 1 per cycle (F0/F1), SMLAL/SMULL 1 (F0); A76 4 per cycle, FMLA .4s/.8h 2 (V0/V1),
+# SMLAL 1 (V0), SDOT 2 (V0/V1: assumed, no scheduling model lists it). Memory stalls, latency
+# chains and other cores are not in it: real boards are slower.
+BOARDS = {
+    "cortex-a72": {"board": "Pi 4", "ghz": 1.8, "width": 3, "mac_rate": {"fmla.4s": 1, "smlal": 1, "smlal2": 1, "smull": 1}},
+    "cortex-a76": {"board": "Pi 5", "ghz": 2.4, "width": 4, "mac_rate": {"fmla.4s": 2, "fmla.8h": 2, "sdot.4s": 2, "smlal": 1, "smlal2": 1}},
+}
+
+
+def estimate_ms(x):
+    """(lower-bound milliseconds per image/token on one core, what bounds it) for a table row."""
+    b = BOARDS.get(x["cpu"])
+    if not b:
+        return None, "-"
+    insns, macs = int(x["insns"]), int(x["mac_insns"])
+    main = x["main_mul"].replace("[e]", "")
+    rate = b["mac_rate"].get(main, b["mac_rate"].get(main.split(".")[0], 1))
+    front, mul = insns / b["width"], macs / rate
+    return max(front, mul) / (b["ghz"] * 1e6), ("front end" if front >= mul else main)
+
+
+def markdown(path, estimate=False):
     r = read_tsv(path)
-    print("| CPU | precision | graph | batch | instructions per " + "/".join(sorted({x["unit"] for x in r})) + " | main multiply | MACs per instruction | top functions |")
-    print("|---|---|---|---:|---:|---|---:|---|")
+    extra = " | estimate, ms per core at the board's clock (lower bound) |" if estimate else " |"
+    print("| CPU | precision | graph | batch | instructions per " + "/".join(sorted({x["unit"] for x in r})) + " | main multiply | MACs per instruction | top functions" + extra)
+    print("|---|---|---|---:|---:|---|---:|---|" + ("---:|" if estimate else ""))
     for x in r:
-        print(f"| {x['cpu']} | {x['precision']} | {x['graph']} | {x['batch']} | {int(x['insns']) / 1e6:,.2f} M | {int(x['main_mul_insns']) / 1e6:,.2f} M `{x['main_mul']}` | {x['macs_per_insn']} | {shorten_top(x['top_functions'])} |")
+        cell = " |"
+        if estimate:
+            ms, bound = estimate_ms(x)
+            b = BOARDS.get(x["cpu"], {})
+            cell = f" | {ms:,.2f} ({b.get('board')} {b.get('ghz')} GHz; bound: {bound}) |" if ms is not None else " | - |"
+        print(f"| {x['cpu']} | {x['precision']} | {x['graph']} | {x['batch']} | {int(x['insns']) / 1e6:,.2f} M | {int(x['main_mul_insns']) / 1e6:,.2f} M `{x['main_mul']}` | {x['macs_per_insn']} | {shorten_top(x['top_functions'])}" + cell)
 
 
 def compare(base, now, tol):
@@ -198,11 +231,12 @@ def main():
     ap.add_argument("--model")
     ap.add_argument("--past", type=int, default=8)
     ap.add_argument("--markdown")
+    ap.add_argument("--estimate", action="store_true", help="with --markdown: a board time estimate per row")
     ap.add_argument("--compare", nargs=2)
     ap.add_argument("--tolerance", type=float, default=0.02)
     a = ap.parse_args()
     if a.markdown:
-        return markdown(a.markdown)
+        return markdown(a.markdown, a.estimate)
     if a.compare:
         return compare(*a.compare, a.tolerance)
     man = json.load(open(a.model))
