@@ -39,7 +39,9 @@ pub(crate) fn neon() -> Result<Kernels, String> {
         layer_norm: portable::layer_norm,
         quantize_i8: portable::quantize_i8,
         fuse_f32: false,
-        fuse_q8_static: true,
+        // B/32 image encoder as a Cortex-A72 (no dot product): tract's `smlal` kernel 1,851 M
+        // instructions, ours (`smull` + `sadalp`) 2,327 M; the dotprod table turns it on
+        fuse_q8_static: false,
     })
 }
 
@@ -50,7 +52,9 @@ pub(crate) fn dotprod() -> Result<Kernels, String> {
     if !std::arch::is_aarch64_feature_detected!("dotprod") {
         return Err("this CPU has no 8-bit dot product (asimddp)".into());
     }
-    Ok(Kernels { name: "aarch64 neon+dotprod", q8_block: q8_block_dotprod, ..base })
+    // B/32 image encoder as a Cortex-A76: tract's int8 (`sdot`, 8x8 tiles) 575 M instructions,
+    // ours 491 M (boards/cross/armcount.sh, COCA_TRACT_INT8=1 for tract's)
+    Ok(Kernels { name: "aarch64 neon+dotprod", q8_block: q8_block_dotprod, fuse_q8_static: true, ..base })
 }
 
 fn q8_check(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &[[i32; Q8_NB]]) {
@@ -66,7 +70,8 @@ fn q8_block_dotprod(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32;
             1 => q8_sdot::<1>(a, kp, w, o),
             2 => q8_sdot::<2>(a, kp, w, o),
             3 => q8_sdot::<3>(a, kp, w, o),
-            _ => q8_sdot::<4>(a, kp, w, o),
+            4 => q8_sdot::<4>(a, kp, w, o),
+            _ => q8_sdot::<5>(a, kp, w, o),
         }
     }
 }
@@ -81,21 +86,47 @@ unsafe fn sdot<const L: i32>(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int3
     acc
 }
 
+/// 16 bytes at `*p`, then `*p += 16` (a post-indexed `ldr`: LLVM otherwise recomputed each row's
+/// address from the first with an `add` per row per 16 k).
+/// SAFETY: 16 readable bytes at `*p`.
+#[inline(always)]
+unsafe fn load_next(p: &mut *const i8) -> int8x16_t {
+    let v: int8x16_t;
+    std::arch::asm!("ldr {v:q}, [{p}], #16", v = out(vreg) v, p = inout(reg) *p, options(pure, readonly, nostack, preserves_flags));
+    v
+}
+
+/// 64 bytes at `*p` into four registers (one `ld1` of four, which needs consecutive registers:
+/// v28-v31), then `*p += 64`. LLVM splits `vld1q_s8_x4` into two `ldp`.
+/// SAFETY: 64 readable bytes at `*p`.
+#[inline(always)]
+unsafe fn load4_next(p: &mut *const i8) -> (int8x16_t, int8x16_t, int8x16_t, int8x16_t) {
+    let (a, b, c, d);
+    std::arch::asm!("ld1 {{v28.16b, v29.16b, v30.16b, v31.16b}}, [{p}], #64", p = inout(reg) *p,
+        out("v28") a, out("v29") b, out("v30") c, out("v31") d, options(pure, readonly, nostack, preserves_flags));
+    (a, b, c, d)
+}
+
 /// R rows by one block of 16 columns: per 16 k, one activation register per row (four 4-byte
-/// lanes) and four groups of four weight registers (one `ld1` of 64 bytes each).
+/// lanes, a post-indexed load per row) and, per lane, the 16 columns' weights in four
+/// registers (one post-indexed `ld1` of 64 bytes), used by every row before the next lane.
+/// Registers: 4R accumulators, R activations, 4 weights: R = 5 fits NEON's 32. Per 16 k: 80
+/// `sdot` to 5 + 4 loads and the loop's 2-3 (B/32 as a Cortex-A76: R = 4 with `ldp` pairs was
+/// 25% beside the `sdot`s; R = 6 needs more than 32 registers and LLVM spilled).
 /// SAFETY: NEON and dotprod; `a` R x kp, `w` kp x 16 in the [`super::Q8Block`] order.
 #[target_feature(enable = "neon,dotprod")]
-unsafe fn q8_sdot<const R: usize>(a: *const i8, kp: usize, w: *const i8, out: *mut [i32; Q8_NB]) {
+unsafe fn q8_sdot<const R: usize>(a: *const i8, kp: usize, mut w: *const i8, out: *mut [i32; Q8_NB]) {
     let mut acc = [[vdupq_n_s32(0); 4]; R];
+    let mut rows: [*const i8; R] = std::array::from_fn(|r| a.add(r * kp));
     let mut kk = 0;
     while kk < kp {
         let mut av = [vdupq_n_s8(0); R];
         for r in 0..R {
-            av[r] = vld1q_s8(a.add(r * kp + kk));
+            av[r] = load_next(&mut rows[r]);
         }
-        macro_rules! group {
+        macro_rules! lane {
             ($l:literal) => {
-                let wv = vld1q_s8_x4(w.add((kk + 4 * $l) * Q8_NB));
+                let wv = load4_next(&mut w);
                 for r in 0..R {
                     acc[r][0] = sdot::<$l>(acc[r][0], wv.0, av[r]);
                     acc[r][1] = sdot::<$l>(acc[r][1], wv.1, av[r]);
@@ -104,10 +135,10 @@ unsafe fn q8_sdot<const R: usize>(a: *const i8, kp: usize, w: *const i8, out: *m
                 }
             };
         }
-        group!(0);
-        group!(1);
-        group!(2);
-        group!(3);
+        lane!(0);
+        lane!(1);
+        lane!(2);
+        lane!(3);
         kk += 16;
     }
     for r in 0..R {
@@ -127,7 +158,8 @@ fn q8_block_neon(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32; Q8
             1 => q8_smull::<1>(a, kp, w, o),
             2 => q8_smull::<2>(a, kp, w, o),
             3 => q8_smull::<3>(a, kp, w, o),
-            _ => q8_smull::<4>(a, kp, w, o),
+            4 => q8_smull::<4>(a, kp, w, o),
+            _ => q8_smull::<5>(a, kp, w, o),
         }
     }
 }

@@ -42,7 +42,7 @@ pub(crate) const Q8_NB: usize = 16;
 /// k of a [`Q8Block`]'s operands is padded to a multiple of this (zeros in the weights).
 pub(crate) const Q8_KSTEP: usize = 16;
 /// Most rows a [`Q8Block`] computes together.
-pub(crate) const Q8_MAX_ROWS: usize = 4;
+pub(crate) const Q8_MAX_ROWS: usize = 5;
 
 /// `out[r, 0..cols] = bias + Σ_kk a[r, kk] · w[kk, 0..cols] (+ res[r, 0..cols])` for `rows` rows of
 /// `a` (row stride k) and one packed block `w` (k x [`F32_NB`]); `out` and `res` have row stride

@@ -348,9 +348,11 @@ impl PackedQ8 {
             let w = &self.data[jb * kp * Q8_NB..(jb + 1) * kp * Q8_NB];
             let cols = Q8_NB.min(n - jb * Q8_NB);
             let (scale, colsum) = (&self.scale[jb * Q8_NB..(jb + 1) * Q8_NB], &self.colsum[jb * Q8_NB..(jb + 1) * Q8_NB]);
+            // rows in even groups of at most Q8_MAX_ROWS (50 patches: 10 x 5; 6 beams: 2 x 3)
+            let groups = m.div_ceil(Q8_MAX_ROWS);
             let mut r0 = 0;
-            while r0 < m {
-                let rows = Q8_MAX_ROWS.min(m - r0);
+            for g in 0..groups {
+                let rows = m / groups + usize::from(g < m % groups);
                 kernel(&qa[r0 * kp..(r0 + rows) * kp], rows, kp, w, &mut acc[..rows]);
                 for (r, acc) in acc[..rows].iter().enumerate() {
                     // MatMulInteger's exact sum, then Cast, Mul(s_x), Mul(s_w) in order (all
