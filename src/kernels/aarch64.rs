@@ -52,8 +52,8 @@ pub(crate) fn dotprod() -> Result<Kernels, String> {
     if !std::arch::is_aarch64_feature_detected!("dotprod") {
         return Err("this CPU has no 8-bit dot product (asimddp)".into());
     }
-    // B/32 image encoder as a Cortex-A76: tract's int8 (`sdot`, 8x8 tiles) 575 M instructions,
-    // ours 491 M (boards/cross/armcount.sh, COCA_TRACT_INT8=1 for tract's)
+    // B/32 image encoder as a Cortex-A76, same bundle: tract's int8 (`sdot`, 8x8 tiles) 575 M
+    // instructions, ours 478 M (boards/cross/armcount.sh, COCA_TRACT_INT8=1 for tract's)
     Ok(Kernels { name: "aarch64 neon+dotprod", q8_block: q8_block_dotprod, fuse_q8_static: true, ..base })
 }
 

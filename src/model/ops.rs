@@ -72,12 +72,19 @@ fn quantize_linear(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<d
         }
         let s = scale.cast_to_scalar::<f32>().ok()?;
         let z = zero.cast_to_scalar::<i8>().ok()?;
-        (s > 0.0 && s.is_finite() && (1.0 / s).is_finite()).then_some(QuantizeI8 { inv_scale: 1.0 / s, zero_point: z })
+        inverse_scale(s).map(|inv_scale| QuantizeI8 { inv_scale, zero_point: z })
     };
     match fast() {
         Some(op) => Ok((expand(op), vec![])),
         None => (TRACT_QUANTIZE.get().expect("registered"))(ctx, node),
     }
+}
+
+/// The factor our quantizer multiplies by for `QuantizeLinear`'s scale `s` (`1 / s`), where
+/// both are positive and finite; elsewhere the op stays tract's. Shared by the fused int8
+/// products ([`super::q8`]), so both quantize the same values alike.
+pub(crate) fn inverse_scale(s: f32) -> Option<f32> {
+    (s > 0.0 && s.is_finite() && (1.0 / s).is_finite()).then_some(1.0 / s)
 }
 
 /// `QuantizeLinear` to int8 with one scale and zero point: y = clamp(round(x / s) + z).

@@ -127,13 +127,7 @@ pub fn fuse_int8_products(proto: &mut ModelProto, statics: bool) -> Fused {
     let producer: HashMap<&str, (usize, usize)> =
         graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().enumerate().map(move |(o, name)| (name.as_str(), (i, o)))).collect();
     let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
-    let is_zero_i8 = |z: &pb::TensorProto| {
-        z.data_type == ONNX_INT8
-            && inline(z)
-            && z.dims.iter().product::<i64>() == 1
-            && z.raw_data.iter().all(|&b| b == 0)
-            && z.int32_data.iter().all(|&v| v == 0)
-    };
+    let is_zero_i8 = |z: &pb::TensorProto| z.data_type == ONNX_INT8 && inline(z) && z.raw_data.iter().all(|&b| b == 0) && z.int32_data.iter().all(|&v| v == 0);
     let zero_i8 = |name: Option<&String>| match name.filter(|z| !z.is_empty()) {
         None => true,
         Some(z) => inits.get(z.as_str()).is_some_and(|z| is_zero_i8(z)),
@@ -145,11 +139,11 @@ pub fn fuse_int8_products(proto: &mut ModelProto, statics: bool) -> Fused {
             return None;
         }
         let (s, z) = (inits.get(qn.input[1].as_str())?, inits.get(qn.input[2].as_str())?);
-        if !is_zero_i8(z) || s.data_type != ONNX_FLOAT || !inline(s) || s.dims.iter().product::<i64>() != 1 {
+        let one = |t: &pb::TensorProto| t.dims.iter().product::<i64>() == 1;
+        if !is_zero_i8(z) || !one(z) || s.data_type != ONNX_FLOAT || !inline(s) || !one(s) {
             return None;
         }
-        let s = *floats(s).first()?;
-        (s > 0.0 && s.is_finite() && (1.0 / s).is_finite()).then_some(1.0 / s)
+        super::ops::inverse_scale(*floats(s).first()?)
     };
     let other = |m: &NodeProto, mine: &str| -> Option<String> {
         (standard(m, "Mul") && m.input.len() == 2 && m.output.len() == 1).then(|| if m.input[0] == mine { m.input[1].clone() } else { m.input[0].clone() })
