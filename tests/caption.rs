@@ -149,3 +149,57 @@ fn describe_gives_labels_caption_and_timings_from_one_pass() {
     assert_eq!(v["top"].as_array().unwrap().len(), 2);
     assert!(v["timings"]["encoder_ms"].as_f64().unwrap() > 0.0);
 }
+
+/// The in-place cache (our rewritten step: a row table, no copies) against the exported graph run
+/// by tract alone (its caches copied at each step), through what beam search does to a cache: a
+/// shared prompt tiled over the beams, reorders that duplicate and drop beams, a padded token
+/// masked in later steps. The logits agree to float rounding at every step, and the in-place
+/// path is the one taken by default.
+#[test]
+fn in_place_kv_cache_matches_the_exported_graph_through_tiles_and_reorders() {
+    use coca_edge::bundle::Bundle;
+    use coca_edge::model::{Decoder, EngineOptions};
+    for dir in [coca_edge::TEST_BUNDLE, "models/coca-scenes"] {
+        let bundle = Bundle::open(root().join(dir)).unwrap();
+        let ours = Decoder::load(&bundle, &EngineOptions { threads: 1, tract_ops: false, ..EngineOptions::default() }).unwrap();
+        let tract = Decoder::load(&bundle, &EngineOptions { threads: 1, tract_ops: true, ..EngineOptions::default() }).unwrap();
+        assert!(ours.cache_in_place() && !tract.cache_in_place(), "{dir}");
+        let m = bundle.manifest();
+        let n = m.dims.caption_tokens * m.dims.token_dim;
+        let tokens: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.7).collect();
+        let (xa, xb) = (ours.cross_kv(&tokens).unwrap(), tract.cross_kv(&tokens).unwrap());
+        let beams = 4;
+        let (mut a, mut b) = (ours.empty_cache(1), tract.empty_cache(1));
+        // the prompt once, then tiled
+        let vocab = ours.dims().vocab_size as i64;
+        let first = |d: &Decoder, c: &mut _, x| d.step(c, &[vocab - 2], 1, &[0.0], x).unwrap();
+        let (la, lb) = (first(&ours, &mut a, &xa), first(&tract, &mut b, &xb));
+        close(&la, &lb, dir, 0);
+        ours.tile(&mut a, beams).unwrap();
+        tract.tile(&mut b, beams).unwrap();
+        let mut masks: Vec<Vec<f32>> = vec![vec![0.0]; beams];
+        let orders = [[0, 1, 2, 3], [1, 1, 0, 3], [3, 2, 2, 0], [0, 0, 0, 0], [2, 3, 1, 0], [1, 0, 3, 3]];
+        for (step, order) in orders.iter().enumerate() {
+            // beam 2 emits the pad id 0 at step 1: its next key is masked from then on
+            let ids: Vec<i64> = (0..beams).map(|i| if step == 1 && i == 2 { 0 } else { (7 + 5 * (step * beams + i) as i64) % vocab }).collect();
+            for (i, m) in masks.iter_mut().enumerate() {
+                m.push(if step == 2 && i == 2 { f32::NEG_INFINITY } else { 0.0 });
+            }
+            let mask: Vec<f32> = masks.concat();
+            let la = ours.step(&mut a, &ids, 1, &mask, &xa).unwrap();
+            let lb = tract.step(&mut b, &ids, 1, &mask, &xb).unwrap();
+            close(&la, &lb, dir, step + 1);
+            ours.reorder(&mut a, order).unwrap();
+            tract.reorder(&mut b, order).unwrap();
+            masks = order.iter().map(|&o| masks[o].clone()).collect();
+        }
+        assert_eq!(a.past(), b.past());
+    }
+
+    fn close(a: &[f32], b: &[f32], dir: &str, step: usize) {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4 * scale.max(1.0), "{dir} step {step}: logits differ by {worst} (scale {scale})");
+    }
+}

@@ -34,6 +34,7 @@ pub(crate) fn neon() -> Result<Kernels, String> {
         f32_block: f32_block_neon,
         f32_rows: F32_ROWS,
         attention: portable::attention_slice,
+        decoder_attention,
         w8_block: w8_block_neon,
         q8_block: q8_block_neon,
         layer_norm: portable::layer_norm,
@@ -55,6 +56,11 @@ pub(crate) fn dotprod() -> Result<Kernels, String> {
     // B/32 image encoder as a Cortex-A76, same bundle: tract's int8 (`sdot`, 8x8 tiles) 575 M
     // instructions, ours 478 M (boards/cross/armcount.sh, COCA_TRACT_INT8=1 for tract's)
     Ok(Kernels { name: "aarch64 neon+dotprod", q8_block: q8_block_dotprod, fuse_q8_static: true, ..base })
+}
+
+/// [`super::DecoderAttention`]: the portable body with fused multiply-adds (NEON has them).
+fn decoder_attention(q: &[f32], d: usize, k: &[f32], v: &[f32], keys: &[usize], mask: &[f32], scale: f32, o: &mut [f32], scores: &mut Vec<f32>) {
+    portable::decoder_attention_body::<true>(q, d, k, v, keys, mask, scale, o, scores)
 }
 
 fn q8_check(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &[[i32; Q8_NB]]) {

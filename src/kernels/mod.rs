@@ -60,6 +60,14 @@ pub(crate) type F32Block =
 /// SAFETY: the matrices address valid elements of their dims, `o` writable and not aliased.
 pub(crate) type AttentionSlice = unsafe fn(a: Mat, b: Mat, v: Mat, o: Mat, dims: (usize, usize, usize, usize), scales: (f32, f32), scratch: &mut Scratch);
 
+/// Attention of one sequence and one head of a decoder step, over keys and values kept as rows
+/// of `d` values (a KV cache, or an image's cross-attention keys): for each query row `i` of
+/// `q` (rows of `d`), `scores_j = scale · q_i·k_j + mask[i·t + j]` (no mask when `mask` is
+/// empty) over the `t = keys.len()` keys, key `j` being `k[keys[j]..][..d]` and value `j`
+/// `v[keys[j]..][..d]`; then `o[i·d..][..d] = softmax(scores) · values`. `scores` is scratch.
+pub(crate) type DecoderAttention =
+    fn(q: &[f32], d: usize, k: &[f32], v: &[f32], keys: &[usize], mask: &[f32], scale: f32, o: &mut [f32], scores: &mut Vec<f32>);
+
 /// `acc[r] = Σ_kk a[r, kk] · w[kk, 0..16]` for `rows` (1..=[`W8_MAX_ROWS`]) rows of `a` (row
 /// stride k) and one packed int8 block `w` (k x [`W8_NB`]); the per-column scale is applied by
 /// the caller.
@@ -109,6 +117,7 @@ pub(crate) struct Kernels {
     /// most rows [`Kernels::f32_block`] takes at once (rows are cut into even tiles of at most this)
     pub f32_rows: usize,
     pub attention: AttentionSlice,
+    pub decoder_attention: DecoderAttention,
     pub w8_block: W8Block,
     pub q8_block: Q8Block,
     pub layer_norm: LayerNorm,

@@ -12,6 +12,7 @@ pub(crate) fn table() -> Kernels {
         f32_block,
         f32_rows: 4,
         attention: attention_slice,
+        decoder_attention,
         w8_block,
         q8_block,
         layer_norm,
@@ -82,6 +83,71 @@ pub(crate) unsafe fn attention_slice(
             *(o.ptr as *mut f32).add(i * o.rs + c * o.cs) = acc * inv;
         }
     }
+}
+
+/// [`super::DecoderAttention`] with plain loops.
+pub(crate) fn decoder_attention(q: &[f32], d: usize, k: &[f32], v: &[f32], keys: &[usize], mask: &[f32], scale: f32, o: &mut [f32], scores: &mut Vec<f32>) {
+    decoder_attention_body::<false>(q, d, k, v, keys, mask, scale, o, scores)
+}
+
+/// The body of every [`super::DecoderAttention`]: dot products in 16 lanes, the vectorised
+/// softmax, then the weighted sum of the value rows. `FMA`: fused multiply-adds (only where the
+/// CPU has them: elsewhere `mul_add` is a library call).
+#[inline(always)]
+pub(crate) fn decoder_attention_body<const FMA: bool>(
+    q: &[f32],
+    d: usize,
+    k: &[f32],
+    v: &[f32],
+    keys: &[usize],
+    mask: &[f32],
+    scale: f32,
+    o: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let t = keys.len();
+    if d == 0 {
+        return;
+    }
+    let s = q.len() / d;
+    assert!(o.len() >= s * d && (mask.is_empty() || mask.len() >= s * t));
+    scores.clear();
+    scores.resize(t, 0.0);
+    for i in 0..s {
+        let qi = &q[i * d..(i + 1) * d];
+        for (j, (sj, &kj)) in scores.iter_mut().zip(keys).enumerate() {
+            let m = if mask.is_empty() { 0.0 } else { mask[i * t + j] };
+            *sj = dot::<FMA>(qi, &k[kj..kj + d]) * scale + m;
+        }
+        let inv = softmax_unnormalised(scores);
+        let oi = &mut o[i * d..(i + 1) * d];
+        oi.fill(0.0);
+        for (&p, &kj) in scores.iter().zip(keys) {
+            for (x, &y) in oi.iter_mut().zip(&v[kj..kj + d]) {
+                *x = if FMA { p.mul_add(y, *x) } else { *x + p * y };
+            }
+        }
+        for x in oi.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// `a · b` in 16 lanes (a single running sum is one dependent add per element).
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] = if FMA { x[l].mul_add(y[l], acc[l]) } else { acc[l] + x[l] * y[l] };
+        }
+    }
+    for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] = if FMA { x.mul_add(y, acc[l]) } else { acc[l] + x * y };
+    }
+    acc.iter().sum()
 }
 
 /// [`super::W8Block`] in plain Rust.

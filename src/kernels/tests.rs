@@ -191,6 +191,46 @@ fn attention_slice_matches_f64_contiguous_and_strided() {
     }
 }
 
+#[test]
+fn decoder_attention_matches_f64_with_scattered_keys_and_masks() {
+    for kern in usable() {
+        // (queries, head size, keys): one query (a decoding step), several (a prompt), head sizes
+        // off the 16 lanes, a key count past the 16 lanes of the softmax
+        for (s, d, t) in [(1, 1, 1), (1, 64, 30), (3, 8, 5), (2, 20, 37), (1, 33, 255)] {
+            let rows = 4;
+            // the keys and values of `rows` sequences x `t` positions, each position's row of d
+            let (k, v) = (data(rows * t * d, 5), data(rows * t * d, 6));
+            // key j of this sequence lives in row (j * 7 + 3) % rows: positions scattered over rows
+            let keys: Vec<usize> = (0..t).map(|j| (((j * 7 + 3) % rows) * t + j) * d).collect();
+            let q = data(s * d, 7);
+            let scale = 0.125f32;
+            for masked in [false, true] {
+                // the first key is never masked, every third after it is (-inf), the rest get a bias
+                let mask: Vec<f32> =
+                    if masked { (0..s * t).map(|i| if i % t != 0 && i % 3 == 0 { f32::NEG_INFINITY } else { (i % 5) as f32 * 0.1 }).collect() } else { vec![] };
+                let mut want = vec![0f32; s * d];
+                for i in 0..s {
+                    let sc: Vec<f64> = (0..t)
+                        .map(|j| {
+                            let m = if masked { mask[i * t + j] as f64 } else { 0.0 };
+                            scale as f64 * (0..d).map(|c| q[i * d + c] as f64 * k[keys[j] + c] as f64).sum::<f64>() + m
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        want[i * d + c] = ((0..t).map(|j| e[j] * v[keys[j] + c] as f64).sum::<f64>() / sum) as f32;
+                    }
+                }
+                let mut got = vec![f32::NAN; s * d];
+                (kern.decoder_attention)(&q, d, &k, &v, &keys, &mask, scale, &mut got, &mut Vec::new());
+                close(&got, &want, &format!("{} decoder attention {s}x{d} over {t} keys, masked {masked}", kern.name));
+            }
+        }
+    }
+}
+
 fn close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {

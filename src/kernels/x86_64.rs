@@ -23,6 +23,7 @@ pub(crate) fn avx512() -> Result<Kernels, String> {
         attention: attention_avx512,
         w8_block: w8_block_avx512,
         q8_block: q8_block_avx2,
+        decoder_attention: decoder_attention_avx512,
         layer_norm: layer_norm_avx512,
         quantize_i8: quantize_i8_avx2,
         fuse_f32: true,
@@ -48,6 +49,7 @@ pub(crate) fn avx2() -> Result<Kernels, String> {
         attention: portable::attention_slice,
         w8_block: w8_block_avx2,
         q8_block: q8_block_avx2,
+        decoder_attention: decoder_attention_avx2,
         layer_norm: layer_norm_avx2,
         quantize_i8: quantize_i8_avx2,
         fuse_f32: false,
@@ -118,6 +120,24 @@ fn q8_block_avx2(a: &[i8], rows: usize, kp: usize, w: &[i8], acc: &mut [[i32; Q8
     }
     // SAFETY: only in tables built where the CPU has AVX2
     unsafe { build(a, rows, kp, w, acc) }
+}
+
+fn decoder_attention_avx512(q: &[f32], d: usize, k: &[f32], v: &[f32], keys: &[usize], mask: &[f32], scale: f32, o: &mut [f32], scores: &mut Vec<f32>) {
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn build(q: &[f32], d: usize, k: &[f32], v: &[f32], keys: &[usize], mask: &[f32], scale: f32, o: &mut [f32], scores: &mut Vec<f32>) {
+        portable::decoder_attention_body::<true>(q, d, k, v, keys, mask, scale, o, scores)
+    }
+    // SAFETY: only in the AVX-512 table, built where the CPU has AVX-512F (and so FMA)
+    unsafe { build(q, d, k, v, keys, mask, scale, o, scores) }
+}
+
+fn decoder_attention_avx2(q: &[f32], d: usize, k: &[f32], v: &[f32], keys: &[usize], mask: &[f32], scale: f32, o: &mut [f32], scores: &mut Vec<f32>) {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn build(q: &[f32], d: usize, k: &[f32], v: &[f32], keys: &[usize], mask: &[f32], scale: f32, o: &mut [f32], scores: &mut Vec<f32>) {
+        portable::decoder_attention_body::<true>(q, d, k, v, keys, mask, scale, o, scores)
+    }
+    // SAFETY: only in tables built where the CPU has AVX2 and FMA
+    unsafe { build(q, d, k, v, keys, mask, scale, o, scores) }
 }
 
 fn layer_norm_avx512(x: &[f32], y: &mut [f32], n: usize, inner: usize, scale: &[f32], bias: &[f32], eps: f32) {

@@ -32,12 +32,8 @@ pub fn fuse_attention(proto: &mut ModelProto) -> usize {
     use std::collections::{HashMap, HashSet};
     let Some(graph) = proto.graph.as_mut() else { return 0 };
     let std_domain = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
-    // the op computes in f32: leave graphs with other float types inside (an f16 variant with
-    // f32 inputs and outputs casts its activations to f16)
-    const OTHER_FLOATS: [i32; 3] = [10, 11, 16]; // float16, double, bfloat16
-    let other_float = graph.initializer.iter().any(|t| OTHER_FLOATS.contains(&t.data_type))
-        || graph.node.iter().any(|n| n.op_type == "Cast" && n.attribute.iter().any(|a| a.name == "to" && OTHER_FLOATS.contains(&(a.i as i32))));
-    if other_float {
+    // the op computes in f32
+    if other_floats(graph) {
         return 0;
     }
     let opset = proto.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version).unwrap_or(0);
@@ -95,6 +91,14 @@ pub fn fuse_attention(proto: &mut ModelProto) -> usize {
         keep
     });
     chains.len()
+}
+
+/// The graph holds float types other than f32 (an f16 variant with f32 inputs and outputs casts
+/// its activations to f16): our f32 ops leave it alone.
+pub(crate) fn other_floats(graph: &tract_onnx::pb::GraphProto) -> bool {
+    const OTHER_FLOATS: [i32; 3] = [10, 11, 16]; // float16, double, bfloat16
+    graph.initializer.iter().any(|t| OTHER_FLOATS.contains(&t.data_type))
+        || graph.node.iter().any(|n| n.op_type == "Cast" && n.attribute.iter().any(|a| a.name == "to" && OTHER_FLOATS.contains(&(a.i as i32))))
 }
 
 pub fn parse(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {

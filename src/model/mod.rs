@@ -19,6 +19,7 @@ use crate::bundle::{Bundle, Dim, GraphSpec, TensorSpec};
 
 mod attn;
 mod f32mm;
+mod kv;
 mod ops;
 mod product;
 mod q8;
@@ -67,8 +68,18 @@ fn onnx(ours: bool) -> tract_onnx::Onnx {
 /// float weights are moved out of the protobuf first and handed to tract one at a time through
 /// its external-data hook ([`MovedWeights`]): each copy is freed as its tensor is made.
 fn load_onnx_with(path: &Path, rewrites: Rewrites) -> TractResult<InferenceModel> {
+    load_onnx_rewritten(path, rewrites, None).map(|(m, _)| m)
+}
+
+/// [`load_onnx_with`], with `graph_rewrite` made first where it applies (says whether it was).
+fn load_onnx_rewritten(path: &Path, rewrites: Rewrites, graph_rewrite: Option<&GraphRewrite>) -> TractResult<(InferenceModel, bool)> {
     let mut onnx = onnx(rewrites.ours);
     let mut proto = read_proto(path)?;
+    // (first: it reads the attention chains as the export wrote them)
+    let rewritten = match graph_rewrite {
+        Some(g) if rewrites.ours => (g.apply)(&mut proto),
+        _ => false,
+    };
     // (lives until the protobuf is parsed: it holds the fused products' packed weights)
     let _fused = rewrites.ours.then(|| {
         let fused = w8::fuse_weight_dequant(&mut proto);
@@ -106,7 +117,16 @@ fn load_onnx_with(path: &Path, rewrites: Rewrites) -> TractResult<InferenceModel
     if !parsed.unresolved_inputs.is_empty() {
         anyhow::bail!("could not resolve inputs at top level: {:?}", parsed.unresolved_inputs);
     }
-    Ok(parsed.model)
+    Ok((parsed.model, rewritten))
+}
+
+/// A rewrite of one graph of a bundle beyond the generic ones (made only with our ops), with
+/// the interface the rewritten graph has (the manifest describes the file on disk).
+pub(crate) struct GraphRewrite<'a> {
+    /// rewrites the protobuf, or leaves it untouched and says false
+    pub apply: &'a dyn Fn(&mut tract_onnx::pb::ModelProto) -> bool,
+    /// the inputs and outputs once rewritten
+    pub spec: GraphSpec,
 }
 
 /// tract's optimisation, then (when `ours`) our attention op's operands read where tract's
@@ -450,6 +470,7 @@ pub struct Graph {
     outputs: Vec<TensorSpec>,
     load_time: std::time::Duration,
     precision: String,
+    rewritten: bool,
 }
 
 impl std::fmt::Debug for Graph {
@@ -488,9 +509,14 @@ pub type Binding<'a> = &'a dyn Fn(&str) -> Option<usize>;
 impl Graph {
     /// Load graph `name` of `bundle` at `opts.precision`, with symbols fixed by `bind`.
     pub fn load(bundle: &Bundle, name: &str, bind: Binding, opts: &EngineOptions) -> Result<Graph> {
+        Graph::load_with(bundle, name, bind, opts, None)
+    }
+
+    /// [`Graph::load`], with `graph_rewrite` made where it applies ([`Graph::rewritten`]).
+    pub(crate) fn load_with(bundle: &Bundle, name: &str, bind: Binding, opts: &EngineOptions, graph_rewrite: Option<&GraphRewrite>) -> Result<Graph> {
         let t0 = Instant::now();
         let _memory = LoadMemory::begin();
-        let spec: &GraphSpec = bundle.graph(name)?;
+        let mut spec: &GraphSpec = bundle.graph(name)?;
         let precision = match check_precision(&opts.precision, opts.force_precision).and_then(|_| bundle.graph_precision(name, &opts.precision)) {
             Err(e) if opts.precision_is_default && opts.precision != "f32" => {
                 log::info!("{name}: the board's default precision {} is not available here ({e}); loading f32", opts.precision);
@@ -507,10 +533,13 @@ impl Graph {
         // tract's kernels fall behind, and the decoder step's too (B/32, 2 threads: 6-beam step
         // 47 -> 37 ms, 1-beam 28 -> 26 ms)
         let rewrites = Rewrites::of(opts);
-        let mut model = load_onnx_with(&path, rewrites).map_err(|e| Error::Engine {
+        let (mut model, rewritten) = load_onnx_rewritten(&path, rewrites, graph_rewrite).map_err(|e| Error::Engine {
             what: path.display().to_string(),
             message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))),
         })?;
+        if let Some(g) = graph_rewrite.filter(|_| rewritten) {
+            spec = &g.spec;
+        }
 
         // names and counts of inputs and outputs
         let in_names: Vec<String> = model.input_outlets().map_err(engine)?.iter().map(|o| model.node(o.node).name.clone()).collect();
@@ -609,7 +638,17 @@ impl Graph {
         mem("planned");
         let load_time = t0.elapsed();
         log::debug!("{name}: loaded {} in {:.2?}", path.display(), load_time);
-        Ok(Graph { name: name.to_string(), path, plan, inputs: spec.inputs.clone(), outputs: spec.outputs.clone(), load_time, precision })
+        Ok(Graph { name: name.to_string(), path, plan, inputs: spec.inputs.clone(), outputs: spec.outputs.clone(), load_time, precision, rewritten })
+    }
+
+    /// The graph-specific rewrite given to [`Graph::load_with`] was made.
+    pub(crate) fn rewritten(&self) -> bool {
+        self.rewritten
+    }
+
+    /// A run state of its own (for graphs whose ops keep state from run to run).
+    fn spawn(&self) -> Result<TypedSimpleState> {
+        self.plan.spawn().map_err(|e| Error::engine(format!("starting {}", self.name), e))
     }
 
     pub fn name(&self) -> &str {
@@ -807,12 +846,30 @@ impl TextEncoder {
 #[derive(Debug, Clone)]
 pub struct CrossKv(TValue);
 
-/// The self-attention KV cache of a decoding run: `[layers, 2, batch, heads, past, head_dim]`.
-#[derive(Debug, Clone)]
+/// The self-attention KV cache of one decoding run (a clone copies it).
+#[derive(Clone)]
 pub struct KvCache {
-    kv: TValue,
+    store: Store,
     batch: usize,
     past: usize,
+}
+
+#[derive(Clone)]
+enum Store {
+    /// The graph as exported: `[layers, 2, batch, heads, past, head_dim]`, an input of each step
+    /// and its grown copy an output.
+    Copied(TValue),
+    /// The rewritten graph ([`kv`]): the keys and values live in the op states of this run state
+    /// (made at the first step); `rows` (batch x past) says which cache row holds each sequence's
+    /// each position.
+    InPlace { state: Option<Box<TypedSimpleState>>, rows: Vec<i64> },
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if matches!(self.store, Store::Copied(_)) { "copied" } else { "in place" };
+        f.debug_struct("KvCache").field("kind", &kind).field("batch", &self.batch).field("past", &self.past).finish()
+    }
 }
 
 impl KvCache {
@@ -826,7 +883,8 @@ impl KvCache {
 }
 
 /// The captioning graphs: `cross_kv` (once per image) and `decoder_step` (KV-cached step with
-/// symbolic batch, step and past lengths).
+/// symbolic batch, step and past lengths; with our ops, rewritten to keep its caches in place:
+/// [`kv`]).
 #[derive(Debug)]
 pub struct Decoder {
     cross: Graph,
@@ -834,6 +892,21 @@ pub struct Decoder {
     dims: crate::bundle::DecoderDims,
     n_tokens: usize,
     token_dim: usize,
+}
+
+/// The decoder step's interface once [`kv::cache_in_place`] has rewritten it: `self_kv` becomes
+/// `kv_rows` (int64, the key mask's shape) and `self_kv_out` goes. `None` when the manifest does
+/// not describe the exported step.
+fn in_place_spec(spec: &GraphSpec) -> Option<GraphSpec> {
+    let names: Vec<&str> = spec.inputs.iter().map(|t| t.name.as_str()).collect();
+    let outs: Vec<&str> = spec.outputs.iter().map(|t| t.name.as_str()).collect();
+    if names != ["ids", "key_mask", "self_kv", "cross_kv"] || outs != ["logits", "self_kv_out"] {
+        return None;
+    }
+    let mut s = spec.clone();
+    s.inputs[2] = TensorSpec { name: kv::ROWS.into(), dtype: "i64".into(), shape: spec.inputs[1].shape.clone() };
+    s.outputs.truncate(1);
+    Some(s)
 }
 
 impl Decoder {
@@ -850,12 +923,28 @@ impl Decoder {
             }
         }
         let cross = Graph::load(bundle, "cross_kv", &|_| None, opts)?;
-        let step = Graph::load(bundle, "decoder_step", &|_| None, opts)?;
+        let apply = |proto: &mut tract_onnx::pb::ModelProto| match kv::cache_in_place(proto) {
+            Some(r) => {
+                log::debug!("decoder_step: {} self-attention caches in place, {} cross-attentions read in place", r.self_attention, r.cross_attention);
+                true
+            }
+            None => {
+                log::debug!("decoder_step: not the exported shape, its caches are copied at each step");
+                false
+            }
+        };
+        let rewrite = in_place_spec(bundle.graph("decoder_step")?).map(|spec| GraphRewrite { apply: &apply, spec });
+        let step = Graph::load_with(bundle, "decoder_step", &|_| None, opts, rewrite.as_ref())?;
         Ok(Decoder { cross, step, dims, n_tokens: m.dims.caption_tokens, token_dim: m.dims.token_dim })
     }
 
     pub fn dims(&self) -> &crate::bundle::DecoderDims {
         &self.dims
+    }
+
+    /// The caches stay in place between steps (else each step copies them).
+    pub fn cache_in_place(&self) -> bool {
+        self.step.rewritten()
     }
 
     /// Bytes of KV cache one beam needs per token (self-attention layers, keys and values).
@@ -875,9 +964,13 @@ impl Decoder {
 
     /// An empty cache for `batch` sequences.
     pub fn empty_cache(&self, batch: usize) -> KvCache {
-        let d = &self.dims;
-        let t = Tensor::zero::<f32>(&[d.self_layers, 2, batch, d.heads, 0, d.head_dim]).expect("empty tensor");
-        KvCache { kv: t.into_tvalue(), batch, past: 0 }
+        let store = if self.cache_in_place() {
+            Store::InPlace { state: None, rows: Vec::new() }
+        } else {
+            let d = &self.dims;
+            Store::Copied(Tensor::zero::<f32>(&[d.self_layers, 2, batch, d.heads, 0, d.head_dim]).expect("empty tensor").into_tvalue())
+        };
+        KvCache { store, batch, past: 0 }
     }
 
     /// Feed `step` new tokens per sequence (`ids`: batch x step, row-major) with the additive key
@@ -897,12 +990,32 @@ impl Decoder {
         if total > self.dims.max_positions {
             return Err(Error::InvalidArgument(format!("sequence of {total} tokens is over the decoder's {} positions", self.dims.max_positions)));
         }
-        let ids = Tensor::from_shape(&[b, step], ids).map_err(|e| Error::engine("ids tensor", e))?;
-        let mask = Tensor::from_shape(&[b, total], key_mask).map_err(|e| Error::engine("mask tensor", e))?;
-        let mut out = self.step.run(tvec!(ids.into_tvalue(), mask.into_tvalue(), cache.kv.clone(), cross.0.clone()))?;
-        let kv = out.remove(1);
-        let logits = f32_output(&out[0], "decoder_step logits")?.to_vec();
-        cache.kv = kv;
+        let ids = Tensor::from_shape(&[b, step], ids).map_err(|e| Error::engine("ids tensor", e))?.into_tvalue();
+        let mask = Tensor::from_shape(&[b, total], key_mask).map_err(|e| Error::engine("mask tensor", e))?.into_tvalue();
+        let past = cache.past;
+        let logits = match &mut cache.store {
+            Store::Copied(kv) => {
+                let mut out = self.step.run(tvec!(ids, mask, kv.clone(), cross.0.clone()))?;
+                *kv = out.remove(1);
+                f32_output(&out[0], "decoder_step logits")?.to_vec()
+            }
+            Store::InPlace { state, rows } => {
+                // each sequence's past where the table says, its new positions in its own row
+                let mut table = Vec::with_capacity(b * total);
+                for i in 0..b {
+                    table.extend_from_slice(&rows[i * past..(i + 1) * past]);
+                    table.extend(std::iter::repeat_n(i as i64, step));
+                }
+                let t = Tensor::from_shape(&[b, total], &table).map_err(|e| Error::engine("kv rows tensor", e))?.into_tvalue();
+                if state.is_none() {
+                    *state = Some(Box::new(self.step.spawn()?));
+                }
+                let st = state.as_mut().expect("made above");
+                let out = st.run(tvec!(ids, mask, t, cross.0.clone())).map_err(|e| Error::engine("running decoder_step", e))?;
+                *rows = table;
+                f32_output(&out[0], "decoder_step logits")?.to_vec()
+            }
+        };
         cache.past = total;
         Ok(logits)
     }
@@ -913,21 +1026,29 @@ impl Decoder {
             return Err(Error::InvalidArgument(format!("tile needs a batch-1 cache, got batch {}", cache.batch)));
         }
         let d = &self.dims;
-        let old = f32_output(&cache.kv, "kv cache")?;
-        let block = d.heads * cache.past * d.head_dim;
-        let mut new = Vec::with_capacity(old.len() * batch);
-        for lc in old.chunks(block.max(1)).take(d.self_layers * 2) {
-            for _ in 0..batch {
-                new.extend_from_slice(lc);
+        let past = cache.past;
+        match &mut cache.store {
+            Store::Copied(kv) => {
+                let old = f32_output(kv, "kv cache")?;
+                let block = d.heads * past * d.head_dim;
+                let mut new = Vec::with_capacity(old.len() * batch);
+                for lc in old.chunks(block.max(1)).take(d.self_layers * 2) {
+                    for _ in 0..batch {
+                        new.extend_from_slice(lc);
+                    }
+                }
+                let t = Tensor::from_shape(&[d.self_layers, 2, batch, d.heads, past, d.head_dim], &new).map_err(|e| Error::engine("kv cache", e))?;
+                *kv = t.into_tvalue();
             }
+            // every sequence reads row 0's past
+            Store::InPlace { rows, .. } => *rows = rows.repeat(batch),
         }
-        let t = Tensor::from_shape(&[d.self_layers, 2, batch, d.heads, cache.past, d.head_dim], &new).map_err(|e| Error::engine("kv cache", e))?;
-        cache.kv = t.into_tvalue();
         cache.batch = batch;
         Ok(())
     }
 
     /// Reorder the cache's sequences: new sequence `i` is old sequence `order[i]` (beam search).
+    /// In place, only the row table changes.
     pub fn reorder(&self, cache: &mut KvCache, order: &[usize]) -> Result<()> {
         let b = cache.batch;
         if order.len() != b || order.iter().any(|&o| o >= b) {
@@ -937,18 +1058,29 @@ impl Decoder {
             return Ok(());
         }
         let d = &self.dims;
-        let old = f32_output(&cache.kv, "kv cache")?;
-        let block = d.heads * cache.past * d.head_dim;
-        let mut new = vec![0f32; old.len()];
-        for lc in 0..d.self_layers * 2 {
-            for (i, &o) in order.iter().enumerate() {
-                let dst = (lc * b + i) * block;
-                let src = (lc * b + o) * block;
-                new[dst..dst + block].copy_from_slice(&old[src..src + block]);
+        let past = cache.past;
+        match &mut cache.store {
+            Store::Copied(kv) => {
+                let old = f32_output(kv, "kv cache")?;
+                let block = d.heads * past * d.head_dim;
+                let mut new = vec![0f32; old.len()];
+                for lc in 0..d.self_layers * 2 {
+                    for (i, &o) in order.iter().enumerate() {
+                        let dst = (lc * b + i) * block;
+                        let src = (lc * b + o) * block;
+                        new[dst..dst + block].copy_from_slice(&old[src..src + block]);
+                    }
+                }
+                let t = Tensor::from_shape(&[d.self_layers, 2, b, d.heads, past, d.head_dim], &new).map_err(|e| Error::engine("kv cache", e))?;
+                *kv = t.into_tvalue();
+            }
+            Store::InPlace { rows, .. } => {
+                let old = std::mem::take(rows);
+                for &o in order {
+                    rows.extend_from_slice(&old[o * past..(o + 1) * past]);
+                }
             }
         }
-        let t = Tensor::from_shape(&[d.self_layers, 2, b, d.heads, cache.past, d.head_dim], &new).map_err(|e| Error::engine("kv cache", e))?;
-        cache.kv = t.into_tvalue();
         Ok(())
     }
 
@@ -960,7 +1092,14 @@ impl Decoder {
         let cross = self.cross_kv(&vec![0f32; self.n_tokens * self.token_dim])?;
         let ids = Tensor::from_shape(&[batch, 1], &vec![0i64; batch]).map_err(|e| Error::engine("ids tensor", e))?;
         let mask = Tensor::zero::<f32>(&[batch, past + 1]).map_err(|e| Error::engine("mask tensor", e))?;
-        let kv = Tensor::zero::<f32>(&[d.self_layers, 2, batch, d.heads, past, d.head_dim]).map_err(|e| Error::engine("kv cache", e))?;
+        let kv = if self.cache_in_place() {
+            // (a fresh state per run: its caches start empty and hold zeros, which is all a
+            // profile needs)
+            let rows: Vec<i64> = (0..batch).flat_map(|i| std::iter::repeat_n(i as i64, past + 1)).collect();
+            Tensor::from_shape(&[batch, past + 1], &rows).map_err(|e| Error::engine("kv rows tensor", e))?
+        } else {
+            Tensor::zero::<f32>(&[d.self_layers, 2, batch, d.heads, past, d.head_dim]).map_err(|e| Error::engine("kv cache", e))?
+        };
         self.step.profile(tvec!(ids.into_tvalue(), mask.into_tvalue(), kv.into_tvalue(), cross.0.clone()), runs)
     }
 

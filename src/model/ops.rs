@@ -46,6 +46,8 @@ pub fn register(onnx: &mut tract_onnx::Onnx) {
     onnx.op_register.insert(super::f32mm::FUSED_OP, super::f32mm::parse);
     onnx.op_register.insert(super::f32mm::PATCH_OP, super::f32mm::parse_patches);
     onnx.op_register.insert(super::attn::FUSED_OP, super::attn::parse);
+    onnx.op_register.insert(super::kv::SELF_OP, super::kv::parse_self);
+    onnx.op_register.insert(super::kv::CROSS_OP, super::kv::parse_cross);
 }
 
 /// A top-level initializer of the model being parsed, decoded.
