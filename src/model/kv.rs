@@ -433,7 +433,7 @@ fn over_slices(slices: usize, per: usize, work: usize, out: &mut [f32], each: im
     let ptr = SendPtr(out.as_mut_ptr());
     super::product::with_executor_pool(|pool| {
         // (one slice of a B/32 step is a few thousand multiply-adds: split only many of them)
-        parallel::run_shares(pool, slices, work >= 1 << 16, |range| {
+        parallel::run_shares(pool, slices, work >= 1 << 20, |range| {
             let mut scores = Vec::new();
             for i in range {
                 // SAFETY: slice i writes only its own `per` values of `out`
