@@ -111,29 +111,41 @@ pub(crate) fn decoder_attention_body<const FMA: bool>(
     }
     let s = q.len() / d;
     assert!(o.len() >= s * d && (mask.is_empty() || mask.len() >= s * t));
+    // keys outer, queries inner: each key and value row is read once for all the queries (the
+    // beams of one head share the image's cross-attention keys)
     scores.clear();
-    scores.resize(t, 0.0);
-    for i in 0..s {
-        let qi = &q[i * d..(i + 1) * d];
-        for (j, (sj, &kj)) in scores.iter_mut().zip(keys).enumerate() {
+    scores.resize(s * t + s, 0.0);
+    let (sc, inv) = scores.split_at_mut(s * t);
+    for (j, &kj) in keys.iter().enumerate() {
+        let kr = &k[kj..kj + d];
+        for i in 0..s {
             let m = if mask.is_empty() { 0.0 } else { mask[i * t + j] };
-            *sj = dot::<FMA>(qi, &k[kj..kj + d]) * scale + m;
+            sc[i * t + j] = dot::<FMA>(&q[i * d..(i + 1) * d], kr) * scale + m;
         }
-        let inv = softmax_unnormalised(scores);
-        let oi = &mut o[i * d..(i + 1) * d];
-        oi.fill(0.0);
-        for (&p, &kj) in scores.iter().zip(keys) {
-            for (x, &y) in oi.iter_mut().zip(&v[kj..kj + d]) {
+    }
+    for i in 0..s {
+        inv[i] = softmax_unnormalised(&mut sc[i * t..(i + 1) * t]);
+    }
+    let o = &mut o[..s * d];
+    o.fill(0.0);
+    for (j, &kj) in keys.iter().enumerate() {
+        let vr = &v[kj..kj + d];
+        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
+            let p = sc[i * t + j];
+            for (x, &y) in oi.iter_mut().zip(vr) {
                 *x = if FMA { p.mul_add(y, *x) } else { *x + p * y };
             }
         }
+    }
+    for (oi, &f) in o.chunks_exact_mut(d).zip(inv.iter()) {
         for x in oi.iter_mut() {
-            *x *= inv;
+            *x *= f;
         }
     }
 }
 
-/// `a · b` in 16 lanes (a single running sum is one dependent add per element).
+/// `a · b` in 16 lanes (a single running sum is one dependent add per element), summed as a
+/// tree (halves added lane-wise: vector adds, not 16 dependent scalar ones).
 #[inline(always)]
 fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -147,7 +159,15 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
         acc[l] = if FMA { x.mul_add(y, acc[l]) } else { acc[l] + x * y };
     }
-    acc.iter().sum()
+    let mut h8 = [0f32; 8];
+    for l in 0..8 {
+        h8[l] = acc[l] + acc[l + 8];
+    }
+    let mut h4 = [0f32; 4];
+    for l in 0..4 {
+        h4[l] = h8[l] + h8[l + 4];
+    }
+    (h4[0] + h4[2]) + (h4[1] + h4[3])
 }
 
 /// [`super::W8Block`] in plain Rust.

@@ -427,18 +427,25 @@ fn scalar_f32(x: &TValue) -> TractResult<f32> {
     x.cast_to_scalar::<f32>()
 }
 
-/// Runs `each(slice, scores, out)` for `slices` (sequence, head) pairs writing `dv` x `per`
+/// Per-thread buffers of the slices: the scores, the key offsets.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    keys: Vec<usize>,
+}
+
+/// Runs `each(slice, scratch, out)` for `slices` (sequence, head) pairs writing `dv` x `per`
 /// values each into `out`, over the executor's threads when there is enough work.
-fn over_slices(slices: usize, per: usize, work: usize, out: &mut [f32], each: impl Fn(usize, &mut Vec<f32>, &mut [f32]) + Sync) {
+fn over_slices(slices: usize, per: usize, work: usize, out: &mut [f32], each: impl Fn(usize, &mut Scratch, &mut [f32]) + Sync) {
     let ptr = SendPtr(out.as_mut_ptr());
     super::product::with_executor_pool(|pool| {
         // (one slice of a B/32 step is a few thousand multiply-adds: split only many of them)
         parallel::run_shares(pool, slices, work >= 1 << 20, |range| {
-            let mut scores = Vec::new();
+            let mut scratch = Scratch::default();
             for i in range {
                 // SAFETY: slice i writes only its own `per` values of `out`
                 let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(i * per), per) };
-                each(i, &mut scores, o);
+                each(i, &mut scratch, o);
             }
         });
     });
@@ -571,12 +578,13 @@ impl OpState for Cache {
         let mut yv = y.try_as_plain_ram_mut()?;
         let attend = kernels::kernels().decoder_attention;
         let cache = &*self;
-        over_slices(b * h, s * d, b * h * s * t * d * 2, yv.as_slice_mut::<f32>()?, |slice, scores, o| {
+        over_slices(b * h, s * d, b * h * s * t * d * 2, yv.as_slice_mut::<f32>()?, |slice, sc, o| {
             let (i, hh) = (slice / h, slice % h);
-            let keys: Vec<usize> = (0..t).map(|j| cache.at(if j < past { rows[i * t + j] as usize } else { i }, hh, j)).collect();
+            sc.keys.clear();
+            sc.keys.extend((0..t).map(|j| cache.at(if j < past { rows[i * t + j] as usize } else { i }, hh, j)));
             let m = ((if ms[0] == 1 { 0 } else { i }) * ms[1] + if ms[1] == 1 { 0 } else { hh }) * s * t;
             let q = &q[slice * s * d..(slice + 1) * s * d];
-            attend(q, d, &cache.k, &cache.v, &keys, &mask[m..m + s * t], scale, o, scores);
+            attend(q, d, &cache.k, &cache.v, &sc.keys, &mask[m..m + s * t], scale, o, &mut sc.scores);
         });
         drop(yv);
         Ok(tvec!(y.into_tvalue()))
@@ -638,13 +646,39 @@ impl EvalOp for CrossAttention {
         let base = |kind: usize, i: usize, hh: usize| (((self.layer * 2 + kind) * bc + if bc == 1 { 0 } else { i }) * h + hh) * block;
         let mut y = Tensor::zero::<f32>(&[b, h, s, d])?;
         let mut yv = y.try_as_plain_ram_mut()?;
+        let ys = yv.as_slice_mut::<f32>()?;
         let attend = kernels::kernels().decoder_attention;
-        over_slices(b * h, s * d, b * h * s * n * d * 2, yv.as_slice_mut::<f32>()?, |slice, scores, o| {
-            let (i, hh) = (slice / h, slice % h);
-            let (kb, vb) = (base(0, i, hh), base(1, i, hh));
-            let q = &q[slice * s * d..(slice + 1) * s * d];
-            attend(q, d, &kv[kb..kb + block], &kv[vb..vb + block], &keys, &[], scale, o, scores);
-        });
+        if bc == 1 {
+            // one image for every sequence: per head, all the sequences' queries at once, so each
+            // key and value row is read once for all the beams
+            let ptr = SendPtr(ys.as_mut_ptr());
+            let per = s * d;
+            super::product::with_executor_pool(|pool| {
+                parallel::run_shares(pool, h, b * h * s * n * d * 2 >= 1 << 20, |range| {
+                    let (mut qs, mut os, mut scores) = (vec![0f32; b * per], vec![0f32; b * per], Vec::new());
+                    for hh in range {
+                        for i in 0..b {
+                            let at = (i * h + hh) * per;
+                            qs[i * per..(i + 1) * per].copy_from_slice(&q[at..at + per]);
+                        }
+                        let (kb, vb) = (base(0, 0, hh), base(1, 0, hh));
+                        attend(&qs, d, &kv[kb..kb + block], &kv[vb..vb + block], &keys, &[], scale, &mut os, &mut scores);
+                        for i in 0..b {
+                            // SAFETY: head hh of sequence i is written by this share only
+                            let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add((i * h + hh) * per), per) };
+                            o.copy_from_slice(&os[i * per..(i + 1) * per]);
+                        }
+                    }
+                });
+            });
+        } else {
+            over_slices(b * h, s * d, b * h * s * n * d * 2, ys, |slice, sc, o| {
+                let (i, hh) = (slice / h, slice % h);
+                let (kb, vb) = (base(0, i, hh), base(1, i, hh));
+                let q = &q[slice * s * d..(slice + 1) * s * d];
+                attend(q, d, &kv[kb..kb + block], &kv[vb..vb + block], &keys, &[], scale, o, &mut sc.scores);
+            });
+        }
         drop(yv);
         Ok(tvec!(y.into_tvalue()))
     }
