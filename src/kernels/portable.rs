@@ -144,8 +144,23 @@ pub(crate) fn decoder_attention_body<const FMA: bool>(
     }
 }
 
-/// `a · b` in 16 lanes (a single running sum is one dependent add per element), summed as a
-/// tree (halves added lane-wise: vector adds, not 16 dependent scalar ones).
+/// The 16 lanes summed as a tree (halves added lane-wise: vector adds, not 16 dependent
+/// scalar ones).
+#[inline(always)]
+fn hsum16(acc: [f32; 16]) -> f32 {
+    let mut h8 = [0f32; 8];
+    for l in 0..8 {
+        h8[l] = acc[l] + acc[l + 8];
+    }
+    let mut h4 = [0f32; 4];
+    for l in 0..4 {
+        h4[l] = h8[l] + h8[l + 4];
+    }
+    (h4[0] + h4[2]) + (h4[1] + h4[3])
+}
+
+/// `a · b` in 16 lanes (a single running sum is one dependent add per element), summed by
+/// [`hsum16`].
 #[inline(always)]
 fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -159,15 +174,7 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
         acc[l] = if FMA { x.mul_add(y, acc[l]) } else { acc[l] + x * y };
     }
-    let mut h8 = [0f32; 8];
-    for l in 0..8 {
-        h8[l] = acc[l] + acc[l + 8];
-    }
-    let mut h4 = [0f32; 4];
-    for l in 0..4 {
-        h4[l] = h8[l] + h8[l + 4];
-    }
-    (h4[0] + h4[2]) + (h4[1] + h4[3])
+    hsum16(acc)
 }
 
 /// [`super::W8Block`] in plain Rust.
