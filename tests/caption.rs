@@ -194,6 +194,10 @@ fn in_place_kv_cache_matches_the_exported_graph_through_tiles_and_reorders() {
             masks = order.iter().map(|&o| masks[o].clone()).collect();
         }
         assert_eq!(a.past(), b.past());
+        // a token id past the vocabulary is an error, not a panic in the embedding lookup
+        let mut c = ours.empty_cache(1);
+        let err = ours.step(&mut c, &[vocab], 1, &[0.0], &xa).unwrap_err().to_string();
+        assert!(err.contains("outside the decoder's vocabulary"), "{err}");
     }
 
     fn close(a: &[f32], b: &[f32], dir: &str, step: usize) {

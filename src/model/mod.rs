@@ -990,6 +990,10 @@ impl Decoder {
         if total > self.dims.max_positions {
             return Err(Error::InvalidArgument(format!("sequence of {total} tokens is over the decoder's {} positions", self.dims.max_positions)));
         }
+        // (tract's Gather panics on an index past the embedding table)
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as u64 >= self.dims.vocab_size as u64) {
+            return Err(Error::InvalidArgument(format!("decoder step: token id {bad} is outside the decoder's vocabulary of {}", self.dims.vocab_size)));
+        }
         let ids = Tensor::from_shape(&[b, step], ids).map_err(|e| Error::engine("ids tensor", e))?.into_tvalue();
         let mask = Tensor::from_shape(&[b, total], key_mask).map_err(|e| Error::engine("mask tensor", e))?.into_tvalue();
         let past = cache.past;
