@@ -586,7 +586,6 @@ impl OpState for Cache {
             let q = &q[slice * s * d..(slice + 1) * s * d];
             attend(q, d, &cache.k, &cache.v, &sc.keys, &mask[m..m + s * t], scale, o, &mut sc.scores);
         });
-        drop(yv);
         Ok(tvec!(y.into_tvalue()))
     }
 
@@ -679,7 +678,6 @@ impl EvalOp for CrossAttention {
                 attend(q, d, &kv[kb..kb + block], &kv[vb..vb + block], &keys, &[], scale, o, &mut sc.scores);
             });
         }
-        drop(yv);
         Ok(tvec!(y.into_tvalue()))
     }
 }
