@@ -133,6 +133,33 @@ fn a_bundle_without_decoder_graphs_cannot_caption() {
     assert!(out.status.success());
 }
 
+/// A manifest whose decoder dims promise more than the graph holds (positions or vocabulary)
+/// is refused when the decoder loads, in one line naming the manifest field, not with a panic
+/// in the embedding lookup of a later step (hardening issue, finding 1; part of 14).
+#[test]
+fn decoder_dims_beyond_the_graph_are_refused_at_load() {
+    for (field, value, want) in [("max_positions", 200u64, "decoder.max_positions is 200"), ("vocab_size", 1_000_000_000, "decoder.vocab_size is 1000000000")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = tmp.path().join("b");
+        std::fs::create_dir(&b).unwrap();
+        for e in std::fs::read_dir(root().join("models/coca-scenes")).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), b.join(e.file_name())).unwrap();
+            }
+        }
+        let mp = b.join("coca.json");
+        let mut m: Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+        m["decoder"][field] = Value::from(value);
+        std::fs::write(&mp, serde_json::to_vec(&m).unwrap()).unwrap();
+        let img = root().join("tests/fixtures/images/flower.jpg");
+        // (min tokens past the real 17 positions: the old failure was a panic at position 17)
+        let min = if field == "max_positions" { "25" } else { "5" };
+        let out = coca(&["--model", b.to_str().unwrap(), "caption", "--min-tokens", min, img.to_str().unwrap()]);
+        assert_one_line_error(&out, want);
+    }
+}
+
 #[test]
 fn describe_gives_labels_caption_and_timings_from_one_pass() {
     let img = root().join("tests/fixtures/images/chelsea.png");

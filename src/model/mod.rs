@@ -77,8 +77,8 @@ fn load_onnx_rewritten(path: &Path, rewrites: Rewrites, graph_rewrite: Option<&G
     let mut proto = read_proto(path)?;
     // (first: it reads the attention chains as the export wrote them)
     let rewritten = match graph_rewrite {
-        Some(g) if rewrites.ours => (g.apply)(&mut proto),
-        _ => false,
+        Some(g) => (g.apply)(&mut proto, rewrites.ours && g.spec.is_some()),
+        None => false,
     };
     // (lives until the protobuf is parsed: it holds the fused products' packed weights)
     let _fused = rewrites.ours.then(|| {
@@ -120,13 +120,15 @@ fn load_onnx_rewritten(path: &Path, rewrites: Rewrites, graph_rewrite: Option<&G
     Ok((parsed.model, rewritten))
 }
 
-/// A rewrite of one graph of a bundle beyond the generic ones (made only with our ops), with
-/// the interface the rewritten graph has (the manifest describes the file on disk).
+/// A look at one graph of a bundle as it is parsed, and a rewrite of it beyond the generic ones
+/// (made only with our ops), with the interface the rewritten graph has (the manifest
+/// describes the file on disk).
 pub(crate) struct GraphRewrite<'a> {
-    /// rewrites the protobuf, or leaves it untouched and says false
-    pub apply: &'a dyn Fn(&mut tract_onnx::pb::ModelProto) -> bool,
-    /// the inputs and outputs once rewritten
-    pub spec: GraphSpec,
+    /// reads the protobuf (always) and, when its second argument says so, rewrites it; says
+    /// whether it did
+    pub apply: &'a dyn Fn(&mut tract_onnx::pb::ModelProto, bool) -> bool,
+    /// the inputs and outputs once rewritten (`None`: no rewrite, only the look)
+    pub spec: Option<GraphSpec>,
 }
 
 /// tract's optimisation, then (when `ours`) our attention op's operands read where tract's
@@ -537,8 +539,8 @@ impl Graph {
             what: path.display().to_string(),
             message: format!("not a loadable ONNX graph: {}", crate::error::one_line(&format!("{e:#}"))),
         })?;
-        if let Some(g) = graph_rewrite.filter(|_| rewritten) {
-            spec = &g.spec;
+        if let Some(s) = graph_rewrite.filter(|_| rewritten).and_then(|g| g.spec.as_ref()) {
+            spec = s;
         }
 
         // names and counts of inputs and outputs
@@ -923,18 +925,37 @@ impl Decoder {
             }
         }
         let cross = Graph::load(bundle, "cross_kv", &|_| None, opts)?;
-        let apply = |proto: &mut tract_onnx::pb::ModelProto| match kv::cache_in_place(proto) {
-            Some(r) => {
-                log::debug!("decoder_step: {} self-attention caches in place, {} cross-attentions read in place", r.self_attention, r.cross_attention);
-                true
+        // the rows of the token and positional embeddings, as the graph holds them (export.py's
+        // names): the manifest's vocabulary and positions must fit them (tract's Gather panics
+        // on an index past its table)
+        let tables: std::cell::Cell<(Option<i64>, Option<i64>)> = Default::default();
+        let apply = |proto: &mut tract_onnx::pb::ModelProto, rewrite: bool| {
+            let rows = |name: &str| proto.graph.as_ref()?.initializer.iter().find(|t| t.name == name).and_then(|t| t.dims.first().copied());
+            tables.set((rows("text.token_embedding.weight"), rows("text.positional_embedding")));
+            if !rewrite {
+                return false;
             }
-            None => {
-                log::debug!("decoder_step: not the exported shape, its caches are copied at each step");
-                false
+            match kv::cache_in_place(proto) {
+                Some(r) => {
+                    log::debug!("decoder_step: {} self-attention caches in place, {} cross-attentions read in place", r.self_attention, r.cross_attention);
+                    true
+                }
+                None => {
+                    log::debug!("decoder_step: not the exported shape, its caches are copied at each step");
+                    false
+                }
             }
         };
-        let rewrite = in_place_spec(bundle.graph("decoder_step")?).map(|spec| GraphRewrite { apply: &apply, spec });
-        let step = Graph::load_with(bundle, "decoder_step", &|_| None, opts, rewrite.as_ref())?;
+        let rewrite = GraphRewrite { apply: &apply, spec: in_place_spec(bundle.graph("decoder_step")?) };
+        let step = Graph::load_with(bundle, "decoder_step", &|_| None, opts, Some(&rewrite))?;
+        let (vocab_rows, position_rows) = tables.get();
+        let mismatch = |message: String| Error::Manifest { path: bundle.dir().join(crate::bundle::MANIFEST), message };
+        if let Some(v) = vocab_rows.filter(|&v| v as u64 != dims.vocab_size as u64) {
+            return Err(mismatch(format!("decoder.vocab_size is {} but the decoder_step graph embeds {v} tokens", dims.vocab_size)));
+        }
+        if let Some(p) = position_rows.filter(|&p| (p as u64) < dims.max_positions as u64) {
+            return Err(mismatch(format!("decoder.max_positions is {} but the decoder_step graph has {p} positions", dims.max_positions)));
+        }
         Ok(Decoder { cross, step, dims, n_tokens: m.dims.caption_tokens, token_dim: m.dims.token_dim })
     }
 
