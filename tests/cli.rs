@@ -118,6 +118,21 @@ fn missing_bundle_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let out = coca(&[&"--model", &tmp.path().join("nope"), &"embed", &image("chelsea.png")], tmp.path());
     assert_one_line_error(&out, "model bundle folder not found");
+    // the OS error's text once (it was printed twice: as the message and again as its source)
+    assert_eq!(String::from_utf8_lossy(&out.stderr).matches("not found").count(), 1, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A label with terminal control characters (ESC, BEL) is named in its error with them escaped:
+/// nothing raw reaches the terminal (hardening finding 13).
+#[test]
+fn control_characters_in_labels_are_escaped_in_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    // (the default model's small vocabulary refuses the word, naming the label)
+    let model = common::root().join("models/coca-scenes");
+    let out = coca(&[&"--model", &model, &"classify", &image("chelsea.png"), &"--labels", &"red,x\u{1b}[31my\u{7}z"], tmp.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(&out, "\\u{1b}[31my");
+    assert!(!stderr.contains('\u{1b}') && !stderr.contains('\u{7}'), "{stderr:?}");
 }
 
 #[test]

@@ -415,9 +415,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes on one line, each cause once (a cause whose text the message
+/// already ends with is not repeated: our `Io` errors print their OS error, which is also their
+/// source), control characters escaped.
 fn one_line(e: &anyhow::Error) -> String {
-    let s = format!("{e:#}");
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    let mut s = String::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        if s.is_empty() {
+            s = t;
+        } else if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+    }
+    // control characters (a label's ESC or NUL) are shown escaped, never sent to the terminal
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
