@@ -38,7 +38,10 @@ impl Templates {
                 continue;
             }
             if t.matches("{}").count() != 1 {
-                return Err(Error::Labels { what: what.to_string(), message: format!("line {}: a template needs exactly one {{}} placeholder: '{t}'", i + 1) });
+                // (the first 60 characters: a 1 MB line stays a readable one-line error)
+                let shown: String = t.chars().take(60).collect();
+                let more = if shown.len() < t.len() { format!("...' ({} bytes)", t.len()) } else { "'".into() };
+                return Err(Error::Labels { what: what.to_string(), message: format!("line {}: a template needs exactly one {{}} placeholder: '{shown}{more}", i + 1) });
             }
             v.push(t.to_string());
         }
@@ -301,6 +304,10 @@ mod tests {
     fn template_without_placeholder_is_refused() {
         let e = Templates::parse("a photo\n", "t.txt").unwrap_err().to_string();
         assert!(e.starts_with("t.txt: line 1"), "{e}");
+        // a huge line is cut in the message (hardening finding 18: a 1 MB template was echoed whole)
+        let huge = "x".repeat(1 << 20);
+        let e = Templates::parse(&huge, "t.txt").unwrap_err().to_string();
+        assert!(e.len() < 200 && e.contains("(1048576 bytes)"), "{}", &e[..e.len().min(300)]);
     }
 
     #[test]
