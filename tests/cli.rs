@@ -135,6 +135,21 @@ fn control_characters_in_labels_are_escaped_in_errors() {
     assert!(!stderr.contains('\u{1b}') && !stderr.contains('\u{7}'), "{stderr:?}");
 }
 
+/// A negative number given to a numeric option is refused as that option's bad value, without
+/// clap's tip to write `-- -1` (which does not work for an option's value; hardening finding 19).
+#[test]
+fn negative_option_values_are_bad_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    for args in [vec!["--threads", "-1", "info"], vec!["caption", "--beams", "-3", "x.jpg"]] {
+        let a: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>).collect();
+        let out = coca(&a, tmp.path());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("invalid value '-"), "{stderr}");
+        assert!(!stderr.contains("tip:"), "{stderr}");
+    }
+}
+
 #[test]
 fn missing_graph_file() {
     let tmp = tempfile::tempdir().unwrap();

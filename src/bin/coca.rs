@@ -394,7 +394,14 @@ struct InfoArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // a negative number is read as the option's value, so `--threads -1` is refused as a bad
+    // value (clap otherwise takes it for a flag and suggests `-- -1`, which does not work for an
+    // option's value)
+    fn negatives(c: clap::Command) -> clap::Command {
+        c.allow_negative_numbers(true).mut_subcommands(negatives)
+    }
+    let parsed = negatives(<Cli as clap::CommandFactory>::command()).try_get_matches().and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };

@@ -41,7 +41,10 @@ impl Templates {
                 // (the first 60 characters: a 1 MB line stays a readable one-line error)
                 let shown: String = t.chars().take(60).collect();
                 let more = if shown.len() < t.len() { format!("...' ({} bytes)", t.len()) } else { "'".into() };
-                return Err(Error::Labels { what: what.to_string(), message: format!("line {}: a template needs exactly one {{}} placeholder: '{shown}{more}", i + 1) });
+                return Err(Error::Labels {
+                    what: what.to_string(),
+                    message: format!("line {}: a template needs exactly one {{}} placeholder: '{shown}{more}", i + 1),
+                });
             }
             v.push(t.to_string());
         }
