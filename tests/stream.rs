@@ -283,4 +283,15 @@ fn cli_stream_errors() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(err.lines().count(), 1, "one warning for the short frame: {err}");
     assert!(out.lines().last().unwrap().contains("\"bad_frames\":1"), "{out}");
+    // every frame bad: the summary is written, then an error and exit 2, as `classify` on the
+    // same files (it exited 0 with "processed": 0; hardening finding 16)
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["empty.jpg", "truncated.jpg", "text.jpg"] {
+        std::fs::copy(root().join("tests/fixtures/bad").join(f), tmp.path().join(f)).unwrap();
+    }
+    let (code, out, err) = coca_stream(&[tmp.path().to_str().unwrap(), "--labels", "a,b"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(out.lines().last().unwrap().contains("\"processed\":0"), "{out}");
+    let last = err.trim().lines().last().unwrap_or("");
+    assert!(last.starts_with("coca: ") && last.contains("no frame could be processed (3 bad frames)"), "{err}");
 }

@@ -1185,7 +1185,13 @@ fn stream_cmd(g: &Global, a: StreamArgs) -> Result<ExitCode> {
     if status {
         sinks.push(Box::new(StatusLine));
     }
-    stream::run(&p, source, set.as_ref(), &opts, &SHUTDOWN, &mut sinks)?;
+    let summary = stream::run(&p, source, set.as_ref(), &opts, &SHUTDOWN, &mut sinks)?;
+    // every frame bad, none processed: an error, as `classify` on the same files (the summary
+    // line with its counts was written first)
+    let c = &summary.counters;
+    if c.processed == 0 && c.bad_frames > 0 {
+        anyhow::bail!("{}: no frame could be processed ({} bad frames)", summary.source, c.bad_frames);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
