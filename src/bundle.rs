@@ -393,6 +393,14 @@ fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest> {
     if !m.files.contains_key(&m.text.vocab) {
         return Err(bad(format!("vocab '{}' not listed in 'files'", m.text.vocab)));
     }
+    // every file the manifest lists is opened inside the bundle folder (an absolute vocab path
+    // like /etc/passwd was opened where it pointed)
+    for file in m.files.keys() {
+        let p = Path::new(file);
+        if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(bad(format!("file '{file}' is outside the bundle")));
+        }
+    }
     if m.image.size == 0 || m.image.size > 4096 {
         return Err(bad(format!("image size {} out of range", m.image.size)));
     }

@@ -150,6 +150,25 @@ fn negative_option_values_are_bad_values() {
     }
 }
 
+/// A manifest naming a file outside the bundle folder (an absolute vocab path, `..`) is refused
+/// before anything is opened (hardening finding 12).
+#[test]
+fn manifest_files_outside_the_bundle_are_refused() {
+    for vocab in ["/etc/passwd", "../outside.txt.gz"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = tmp.path().join("b");
+        copy_bundle(&b);
+        edit_manifest(&b, |m| {
+            let old = m["text"]["vocab"].as_str().unwrap().to_string();
+            let entry = m["files"][&old].clone();
+            m["files"].as_object_mut().unwrap().insert(vocab.to_string(), entry);
+            m["text"]["vocab"] = serde_json::Value::from(vocab);
+        });
+        let out = coca(&[&"--model", &b, &"embed", &image("chelsea.png")], tmp.path());
+        assert_one_line_error(&out, &format!("file '{vocab}' is outside the bundle"));
+    }
+}
+
 #[test]
 fn missing_graph_file() {
     let tmp = tempfile::tempdir().unwrap();
