@@ -191,12 +191,11 @@ impl Bundle {
             Err(e) => return Err(Error::io(dir, e)),
         }
         let mpath = dir.join(MANIFEST);
-        let text = std::fs::read(&mpath).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::io(&mpath, std::io::Error::new(e.kind(), "manifest not found: not a model bundle"))
-            } else {
-                Error::io(&mpath, e)
+        let text = crate::limits::read_capped(&mpath, crate::limits::MANIFEST_BYTES, "the manifest").map_err(|e| match e {
+            Error::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+                Error::io(path, std::io::Error::new(source.kind(), "manifest not found: not a model bundle"))
             }
+            e => e,
         })?;
         let manifest = parse_manifest(&text, &mpath)?;
         let id = bundle_id(&manifest);

@@ -49,6 +49,7 @@ pub mod error;
 pub mod ffi;
 pub mod head;
 pub(crate) mod kernels;
+pub mod limits;
 pub mod model;
 pub mod pipeline;
 pub mod source;

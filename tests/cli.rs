@@ -169,6 +169,26 @@ fn manifest_files_outside_the_bundle_are_refused() {
     }
 }
 
+/// Files read whole are capped and must be regular files: a manifest or a labels file that is
+/// /dev/zero is refused in one line instead of read until memory runs out (hardening findings
+/// 5 and 6).
+#[test]
+fn manifest_and_labels_file_that_never_end_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    copy_bundle(&b);
+    std::fs::remove_file(b.join("coca.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", b.join("coca.json")).unwrap();
+    let out = coca(&[&"--model", &b, &"embed", &image("chelsea.png")], tmp.path());
+    assert_one_line_error(&out, "coca.json: the manifest is not a regular file");
+    let out = coca(&[&"classify", &image("chelsea.png"), &"--labels-file", &"/dev/zero"], tmp.path());
+    assert_one_line_error(&out, "/dev/zero: the text file is not a regular file");
+    let big = tmp.path().join("big.txt");
+    std::fs::File::create(&big).unwrap().set_len(coca_edge::limits::TEXT_FILE_BYTES + 1).unwrap();
+    let out = coca(&[&"classify", &image("chelsea.png"), &"--labels-file", &big], tmp.path());
+    assert_one_line_error(&out, "is over the 16 MB limit");
+}
+
 #[test]
 fn missing_graph_file() {
     let tmp = tempfile::tempdir().unwrap();

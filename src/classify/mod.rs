@@ -70,7 +70,7 @@ impl Templates {
 }
 
 fn read_utf8(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::limits::read_capped(path, crate::limits::TEXT_FILE_BYTES, "the text file")?;
     String::from_utf8(bytes).map_err(|e| Error::Labels {
         what: path.display().to_string(),
         message: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),

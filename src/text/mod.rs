@@ -175,7 +175,7 @@ fn token_regex() -> &'static Regex {
 impl Tokenizer {
     /// Load a gzipped merges file such as open_clip's `bpe_simple_vocab_16e6.txt.gz`.
     pub fn from_gz_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::limits::read_capped(path, crate::limits::VOCAB_GZ_BYTES, "the gzipped vocabulary")?;
         Self::from_gz_bytes(&bytes, &path.display().to_string())
     }
 
@@ -183,7 +183,11 @@ impl Tokenizer {
     pub fn from_gz_bytes(bytes: &[u8], what: &str) -> Result<Self> {
         let err = |message: String| Error::Vocab { what: what.to_string(), message };
         let mut raw = Vec::new();
-        flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut raw).map_err(|e| err(format!("cannot decompress the gzip data: {e}")))?;
+        let cap = crate::limits::VOCAB_TEXT_BYTES;
+        flate2::read::MultiGzDecoder::new(bytes).take(cap + 1).read_to_end(&mut raw).map_err(|e| err(format!("cannot decompress the gzip data: {e}")))?;
+        if raw.len() as u64 > cap {
+            return Err(err(format!("decompresses to more than the {} MB a vocabulary may hold", cap >> 20)));
+        }
         let text = String::from_utf8(raw).map_err(|e| err(format!("not UTF-8 text: {e}")))?;
         Self::from_merges_text(&text).map_err(err)
     }
@@ -487,6 +491,21 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small gzip that decompresses past the vocabulary cap is refused once the cap is
+    /// reached, not read to the end (hardening finding 4: a 14 MB gzip of zeros took 3.1 GB).
+    #[test]
+    fn a_gzip_bomb_vocabulary_is_refused_at_the_cap() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..(crate::limits::VOCAB_TEXT_BYTES >> 20) + 1 {
+            gz.write_all(&zeros).unwrap();
+        }
+        let bytes = gz.finish().unwrap();
+        assert!(bytes.len() < 1 << 20);
+        let e = Tokenizer::from_gz_bytes(&bytes, "bomb.gz").unwrap_err().to_string();
+        assert!(e.starts_with("bomb.gz: decompresses to more than the 64 MB"), "{e}");
+    }
     use std::io::Write;
 
     fn vocab_path() -> std::path::PathBuf {
