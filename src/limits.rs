@@ -15,6 +15,8 @@ pub const VOCAB_GZ_BYTES: u64 = 16 << 20;
 pub const VOCAB_TEXT_BYTES: u64 = 64 << 20;
 /// A labels file or a templates file.
 pub const TEXT_FILE_BYTES: u64 = 16 << 20;
+/// A head file (JSON: a linear head over a ViT-L embedding of 1,000 classes is about 20 MB).
+pub const HEAD_BYTES: u64 = 256 << 20;
 
 /// `path` read whole when it is a regular file of at most `cap` bytes (checked before reading,
 /// and the read stops at `cap` whatever the size said: a device or a growing file cannot run

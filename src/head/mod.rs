@@ -176,7 +176,7 @@ impl Head {
     /// Read a head file and check it belongs to the bundle `bundle_id`.
     pub fn load(path: &Path, bundle_id: &str) -> Result<Head> {
         let bad = |m: String| Error::Labels { what: path.display().to_string(), message: m };
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::limits::read_capped(path, crate::limits::HEAD_BYTES, "the head file")?;
         let text = String::from_utf8(bytes).map_err(|_| bad("not a head file (not UTF-8 text)".into()))?;
         let h: Head = serde_json::from_str(&text).map_err(|e| bad(format!("not a head file: {e}")))?;
         if h.format != HEAD_FORMAT {
@@ -187,6 +187,14 @@ impl Head {
         }
         let mut h = h;
         let c = h.classes.len();
+        // each class once, each named (a duplicate made two scores of one name)
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = h.classes.iter().find(|c| !seen.insert(c.as_str())) {
+            return Err(bad(format!("class '{}' is listed twice", dup.chars().take(40).collect::<String>())));
+        }
+        if h.classes.iter().any(|c| c.trim().is_empty()) {
+            return Err(bad("a class has no name".into()));
+        }
         if h.kind == HeadKind::AttentionalPooler {
             if c < 2 || h.dim == 0 || h.images_per_class.len() != c {
                 return Err(bad(format!("inconsistent sizes ({c} classes, dim {})", h.dim)));
@@ -202,6 +210,10 @@ impl Head {
         }
         if !h.weights.iter().chain(&h.bias).chain(std::iter::once(&h.scale)).all(|v| v.is_finite()) {
             return Err(bad("non-finite weights".into()));
+        }
+        // (a zero scale made every cosine 0/0: null scores with exit 0)
+        if h.scale <= 0.0 {
+            return Err(bad(format!("scale {} must be > 0", h.scale)));
         }
         if h.bundle_id != bundle_id {
             return Err(bad(format!(
@@ -600,5 +612,17 @@ mod tests {
         assert!(e.contains("not a head file"), "{e}");
         std::fs::write(&p, text.replace("\"dim\":8", "\"dim\":9")).unwrap();
         assert!(Head::load(&p, "abc").unwrap_err().to_string().contains("inconsistent sizes"));
+        // a zero scale and a duplicated class loaded before and gave null scores or two
+        // scores of one name with exit 0 (hardening finding 15)
+        let mut zero = head.clone();
+        zero.scale = 0.0;
+        zero.save(&p).unwrap();
+        let e = Head::load(&p, "abc").unwrap_err().to_string();
+        assert!(e.contains("scale 0 must be > 0"), "{e}");
+        let mut dup = head.clone();
+        dup.classes[2] = dup.classes[0].clone();
+        dup.save(&p).unwrap();
+        let e = Head::load(&p, "abc").unwrap_err().to_string();
+        assert!(e.contains("class 'a' is listed twice"), "{e}");
     }
 }
