@@ -434,8 +434,8 @@ struct Scratch {
     keys: Vec<usize>,
 }
 
-/// Runs `each(slice, scratch, out)` for `slices` (sequence, head) pairs writing `dv` x `per`
-/// values each into `out`, over the executor's threads when there is enough work.
+/// Runs `each(slice, scratch, out)` for `slices` (sequence, head) pairs, each writing its own
+/// `per` values of `out`, over the executor's threads when there is enough `work`.
 fn over_slices(slices: usize, per: usize, work: usize, out: &mut [f32], each: impl Fn(usize, &mut Scratch, &mut [f32]) + Sync) {
     let ptr = SendPtr(out.as_mut_ptr());
     super::product::with_executor_pool(|pool| {
@@ -556,7 +556,8 @@ impl OpState for Cache {
         );
         let scale = scalar_f32(&scale)?;
         let rows = rows.cast_to::<i64>()?;
-        let rows = rows.try_as_plain_ram()?.as_slice::<i64>()?.to_vec();
+        let rows_view = rows.try_as_plain_ram()?;
+        let rows = rows_view.as_slice::<i64>()?;
         let (qp, kp, vp, mp) = (q.try_as_plain_ram()?, k.try_as_plain_ram()?, v.try_as_plain_ram()?, mask.try_as_plain_ram()?);
         let (q, k, v, mask) = (qp.as_slice::<f32>()?, kp.as_slice::<f32>()?, vp.as_slice::<f32>()?, mp.as_slice::<f32>()?);
         self.reserve(b, h, t, d)?;
